@@ -1,0 +1,19 @@
+"""diffusers-scorekit: score-based generative models (NCSN, score SDEs) as first-class diffusers citizens."""
+
+__version__ = "0.1.0"
+
+from .parametrization import PREDICTION_TYPES, TIMESTEP_TYPES, epsilon_and_sample, model_target
+from .schedulers import (
+    AnnealedLangevinScheduler,
+    PredictorCorrectorScheduler,
+    ProbabilityFlowODEScheduler,
+    ScoreSchedulerMixin,
+    ScoreSchedulerOutput,
+    VEEulerMaruyamaScheduler,
+    VPEulerMaruyamaScheduler,
+)
+from .sde import SDE, VESDE, VPSDE, SubVPSDE, build_sde
+
+# diffusers resolves a component saved as ("diffusers_scorekit", "SomeClass") by importing this package and
+# finding the base classes it knows as names on it
+from diffusers import ModelMixin, SchedulerMixin  # noqa: E402,F401

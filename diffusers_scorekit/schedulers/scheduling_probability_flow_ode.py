@@ -1,0 +1,100 @@
+"""Fixed-step solvers of the probability-flow ODE (Song et al. 2021; Karras et al. 2022)."""
+
+from typing import List, Optional, Sequence
+
+from diffusers.configuration_utils import register_to_config
+
+from .scheduling_utils import ScoreSchedulerMixin, Stage, _fail
+from .sde_updates import probability_flow_euler
+
+SOLVERS = ("euler", "heun")
+
+
+class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
+    """Deterministic sampling along the probability-flow ODE of the VE, VP or sub-VP SDE.
+
+    Steps are taken in ``y = x / a`` against ``s = sigma / a``, where the ODE of every linear SDE reads
+    ``dy/ds = eps(x, t)``: `"euler"` there is DDIM (eta = 0) on VP, `"heun"` is Karras et al.'s second-order
+    sampler. ``set_timesteps(n)`` makes ``n`` levels from ``t = 1`` to ``sampling_eps``; NFE = ``n`` with Euler and
+    ``2 (n - 1) + 1`` with Heun (two calls per step, and the last step to clean data is one Euler call); one fewer
+    without ``denoise_final``. The noise it draws is only the initial ``x``, so the map from prior noise to
+    sample is deterministic.
+
+    Args:
+        sde_type (`str`, defaults to `"vp"`): `"ve"`, `"vp"` or `"subvp"`.
+        sigma_min (`float`, defaults to 0.01): VE: ``sigma(0)``.
+        sigma_max (`float`, defaults to 50.0): VE: ``sigma(1)`` and the prior's std.
+        beta_min (`float`, defaults to 0.1): VP/sub-VP: ``beta(0)`` of the continuous linear schedule.
+        beta_max (`float`, defaults to 20.0): VP/sub-VP: ``beta(1)`` of the continuous linear schedule.
+        beta_schedule (`str`, *optional*): VP/sub-VP: a diffusers DDPM schedule name instead of the continuous
+            schedule.
+        beta_start (`float`, defaults to 0.0001): first beta of the DDPM schedule.
+        beta_end (`float`, defaults to 0.02): last beta of the DDPM schedule.
+        trained_betas (`list` of `float`, *optional*): explicit DDPM betas.
+        num_train_timesteps (`int`, defaults to 1000): ``N`` of the DDPM schedule and of ``"discrete"`` timesteps.
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"score"`, `"sample"` or `"v_prediction"`.
+        timestep_type (`str`, defaults to `"discrete"`): `"discrete"`, `"continuous"`, `"sigma"` or `"log_sigma"`.
+        sampling_eps (`float`, *optional*): last time of the grid (defaults: 1e-5 VE, 1e-3 continuous VP/sub-VP,
+            0 on a DDPM schedule).
+        solver (`str`, defaults to `"heun"`): `"euler"` (first order) or `"heun"` (second order).
+        time_spacing (`str`, defaults to `"edm"`): `"uniform"` in ``t``, `"log_snr"` (uniform in log-SNR) or
+            `"edm"` (rho-spacing in ``sigma / a``, most steps at low noise).
+        edm_rho (`float`, defaults to 7.0): ``rho`` of the `"edm"` spacing.
+        denoise_final (`bool`, defaults to `True`): end with the Euler step to ``sigma = 0`` (Tweedie's
+            denoising) from the last level.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sde_type: str = "vp",
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        beta_schedule: Optional[str] = None,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        trained_betas: Optional[Sequence[float]] = None,
+        num_train_timesteps: int = 1000,
+        prediction_type: str = "epsilon",
+        timestep_type: str = "discrete",
+        sampling_eps: Optional[float] = None,
+        solver: str = "heun",
+        time_spacing: str = "edm",
+        edm_rho: float = 7.0,
+        denoise_final: bool = True,
+    ):
+        if solver not in SOLVERS:
+            _fail("solver", solver, f"choose one of {SOLVERS}")
+        self.order = 2 if solver == "heun" else 1
+        self._setup()
+        self._heun_start = None
+
+    def _make_stages(self, num_levels: int) -> List[Stage]:
+        stages = []
+        for level in range(num_levels - 1):
+            if self.config.solver == "heun":
+                stages += [Stage("heun_predict", level), Stage("heun_correct", level + 1)]
+            else:
+                stages.append(Stage("euler", level))
+        if self.config.denoise_final:
+            stages.append(Stage("denoise", num_levels - 1))
+        return stages
+
+    def _euler(self, x, epsilon, level_index):
+        hi, lo = self._levels[level_index], self._levels[level_index + 1]
+        return probability_flow_euler(x, epsilon, hi.a, hi.noise_ratio, lo.a, lo.noise_ratio)
+
+    def _update(self, stage, x, epsilon, sample_0, generator):
+        if stage.kind == "denoise":
+            return sample_0
+        if stage.kind == "euler":
+            return self._euler(x, epsilon, stage.level)
+        if stage.kind == "heun_predict":
+            self._heun_start = (x, epsilon)
+            return self._euler(x, epsilon, stage.level)
+        # heun_correct: redo the step from its start with the average of both slopes
+        x_start, epsilon_start = self._heun_start
+        self._heun_start = None
+        return self._euler(x_start, 0.5 * (epsilon_start + epsilon), stage.level - 1)

@@ -1,0 +1,304 @@
+"""The diffusers scheduler contract, for every scorekit scheduler, and equivalences with known samplers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVeScheduler, UNet2DModel
+
+from diffusers_scorekit import (
+    AnnealedLangevinScheduler,
+    PredictorCorrectorScheduler,
+    ProbabilityFlowODEScheduler,
+    VEEulerMaruyamaScheduler,
+    VPEulerMaruyamaScheduler,
+)
+from oracle import GaussianMixture, exact_score_model, run_loop
+
+# (scheduler, num_inference_steps, expected NFE)
+CASES = {
+    "ald": (lambda: AnnealedLangevinScheduler(num_annealed_steps=3), 4, 4 * 3 + 1),
+    "ve_em": (lambda: VEEulerMaruyamaScheduler(), 6, 6),
+    "vp_em": (lambda: VPEulerMaruyamaScheduler(), 6, 6),
+    "subvp_em_no_denoise": (lambda: VPEulerMaruyamaScheduler(sde_type="subvp", denoise_final=False), 6, 5),
+    "pc_ve": (lambda: PredictorCorrectorScheduler(num_corrector_steps=2), 5, 5 * 2 + 4 + 1),
+    "pc_vp_ancestral": (
+        lambda: PredictorCorrectorScheduler(sde_type="vp", predictor="ancestral", corrector="none", prediction_type="epsilon"),
+        5,
+        5,
+    ),
+    "pc_annealed_only": (lambda: PredictorCorrectorScheduler(predictor="none", corrector="annealed_langevin"), 5, 6),
+    "ode_heun": (lambda: ProbabilityFlowODEScheduler(), 5, 2 * 4 + 1),
+    "ode_euler_ve": (lambda: ProbabilityFlowODEScheduler(sde_type="ve", solver="euler", prediction_type="score"), 5, 5),
+}
+
+RING = GaussianMixture.ring()
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    make, steps, nfe = CASES[request.param]
+    return make(), steps, nfe
+
+
+def test_nfe_is_len_timesteps(case):
+    scheduler, steps, nfe = case
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == nfe
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return exact_score_model(RING, scheduler)(x, t)
+
+    run_loop(scheduler, model, (16, 2), steps)
+    assert len(calls) == nfe
+
+
+def test_step_output_and_determinism(case):
+    scheduler, steps, _ = case
+    model = exact_score_model(RING, scheduler)
+    first = run_loop(scheduler, model, (32, 2), steps, seed=3)
+    second = run_loop(scheduler, model, (32, 2), steps, seed=3)
+    third = run_loop(scheduler, model, (32, 2), steps, seed=4)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+    assert torch.isfinite(first).all()
+
+    scheduler.set_timesteps(steps)
+    x = torch.randn(4, 2) * scheduler.init_noise_sigma
+    t = scheduler.timesteps[0]
+    output = scheduler.step(model(x, t), t, x)
+    assert output.prev_sample.shape == x.shape and output.pred_original_sample.shape == x.shape
+    scheduler.set_timesteps(steps)
+    as_tuple = scheduler.step(model(x, t), float(t), x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+
+
+def test_timestep_python_number_and_half_precision(case):
+    scheduler, steps, _ = case
+    model = exact_score_model(RING, scheduler)
+    scheduler.set_timesteps(steps)
+    x = (torch.randn(8, 2) * scheduler.init_noise_sigma).to(torch.bfloat16)
+    for t in scheduler.timesteps.tolist():
+        x = scheduler.step(model(x.float(), t).to(torch.bfloat16), t, x).prev_sample
+    assert x.dtype == torch.bfloat16 and torch.isfinite(x.float()).all()
+
+
+def test_step_makes_no_data_dependent_host_call(case):
+    """On meta tensors any .item(), bool(tensor) or data-dependent branch raises: the step has none."""
+    scheduler, steps, _ = case
+    scheduler.set_timesteps(steps, device="meta")
+    x = torch.empty(8, 3, 4, 4, device="meta")
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.empty_like(x), t, x).prev_sample
+    assert x.device.type == "meta"
+
+
+def test_save_load_round_trip(case, tmp_path):
+    scheduler, steps, _ = case
+    scheduler.save_config(tmp_path)
+    reloaded = type(scheduler).from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(reloaded.config) == public(scheduler.config)
+    scheduler.set_timesteps(steps)
+    reloaded.set_timesteps(steps)
+    assert torch.equal(scheduler.timesteps, reloaded.timesteps)
+
+
+def test_add_noise_uses_the_marginal(case):
+    scheduler, steps, _ = case
+    scheduler.set_timesteps(steps)
+    x0, noise = torch.randn(3, 2), torch.randn(3, 2)
+    timesteps = scheduler.timesteps[:3]
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    for i in range(3):
+        level = scheduler.level_of(i)
+        assert torch.allclose(noisy[i], level.a * x0[i] + level.sigma * noise[i], rtol=1e-5, atol=1e-5)
+
+
+def test_compatibles_lists_diffusers_and_scorekit():
+    names = {cls.__name__ for cls in VPEulerMaruyamaScheduler().compatibles}
+    assert {"DDPMScheduler", "ScoreSdeVeScheduler", "ProbabilityFlowODEScheduler", "AnnealedLangevinScheduler"} <= names
+
+
+# --- from_config -------------------------------------------------------------------------------------------
+
+
+def test_from_ddpm_config_gives_that_vp_schedule():
+    ddpm = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", num_train_timesteps=500)
+    for cls in (VPEulerMaruyamaScheduler, PredictorCorrectorScheduler, ProbabilityFlowODEScheduler):
+        scheduler = cls.from_config(ddpm.config)
+        assert scheduler.config.prediction_type == "v_prediction"
+        assert scheduler.config.timestep_type == "discrete"
+        assert scheduler.sde_type == "vp"
+        a, _ = scheduler.sde.marginal(torch.arange(500, dtype=torch.float64) / 499)
+        assert torch.allclose(a**2, ddpm.alphas_cumprod.double(), rtol=1e-3)
+        scheduler.set_timesteps(500)
+        assert scheduler.timesteps[0] == 499 and scheduler.timesteps[-1] == 0
+
+
+def test_from_saved_ddpm_config_with_defaults(tmp_path):
+    """A saved config lists its default-valued keys in _use_default_values; they must still carry over."""
+    DDPMScheduler().save_config(tmp_path)
+    scheduler = PredictorCorrectorScheduler.from_pretrained(tmp_path)
+    assert scheduler.config.prediction_type == "epsilon" and scheduler.sde_type == "vp"
+
+
+def test_from_score_sde_ve_config():
+    scheduler = PredictorCorrectorScheduler.from_config(ScoreSdeVeScheduler(sigma_max=348.0, correct_steps=2).config)
+    config = scheduler.config
+    assert (config.sde_type, config.sigma_max, config.num_corrector_steps) == ("ve", 348.0, 2)
+    assert (config.prediction_type, config.timestep_type, config.predictor) == ("score", "sigma", "reverse_diffusion")
+    assert VEEulerMaruyamaScheduler.from_config(ScoreSdeVeScheduler().config).config.sigma_max == 1348.0
+
+
+def test_swapping_between_scorekit_schedulers_keeps_conventions():
+    source = VPEulerMaruyamaScheduler(beta_max=15.0)  # defaults: epsilon, discrete
+    target = PredictorCorrectorScheduler.from_config(source.config)  # whose defaults are score, sigma
+    assert (target.sde_type, target.config.prediction_type, target.config.timestep_type) == ("vp", "epsilon", "discrete")
+    assert target.config.beta_max == 15.0
+    ve = ProbabilityFlowODEScheduler.from_config(VEEulerMaruyamaScheduler(sigma_max=80.0).config)
+    assert ve.sde_type == "ve" and ve.config.sigma_max == 80.0 and ve.config.prediction_type == "score"
+
+
+def test_from_config_refuses_an_sde_the_scheduler_cannot_run():
+    with pytest.raises(ValueError, match="sde_type"):
+        VEEulerMaruyamaScheduler.from_config(DDPMScheduler().config)
+
+
+def test_ddpm_pipeline_runs_with_a_scorekit_scheduler():
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
+    )
+    ddpm = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    for cls in (VPEulerMaruyamaScheduler, PredictorCorrectorScheduler, ProbabilityFlowODEScheduler):
+        pipe = DDPMPipeline(unet=unet, scheduler=cls.from_config(ddpm.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.manual_seed(0)).images
+        assert images.shape == (2, 8, 8, 1) and (images >= 0).all() and (images <= 1).all()
+
+
+# --- equivalences ------------------------------------------------------------------------------------------
+
+
+def test_reproduces_score_sde_ve_scheduler_sample_for_sample():
+    """Reverse diffusion + Langevin from a ScoreSdeVe config against diffusers' ScoreSdeVePipeline loop.
+
+    diffusers steps between sigma levels of an eps-free grid while calling the model at the eps grid, a
+    relative difference of ~1e-4 in the step size at sampling_eps=1e-5; hence rtol=2e-3 rather than exact.
+    """
+    mixture = GaussianMixture.ring(radius=5.0, std=0.5)
+    reference = ScoreSdeVeScheduler(sigma_max=30.0, snr=0.16, correct_steps=1)
+    ours = PredictorCorrectorScheduler.from_config(reference.config)
+    model = exact_score_model(mixture, ours)
+    steps, shape = 200, (64, 2)
+
+    generator = torch.manual_seed(0)
+    reference.set_timesteps(steps)
+    reference.set_sigmas(steps)
+    x = torch.randn(shape, generator=generator) * reference.init_noise_sigma
+    for i, t in enumerate(reference.timesteps):
+        sigma_t = reference.sigmas[i] * torch.ones(shape[0])
+        for _ in range(reference.config.correct_steps):
+            x = reference.step_correct(model(x, sigma_t), x, generator=generator).prev_sample
+        output = reference.step_pred(model(x, sigma_t), t, x, generator=generator)
+        x, x_mean = output.prev_sample, output.prev_sample_mean
+    expected = x_mean
+
+    generator = torch.manual_seed(0)
+    ours.set_timesteps(steps)
+    x = torch.randn(shape, generator=generator) * ours.init_noise_sigma
+    for t in ours.timesteps:
+        x = ours.step(model(x, t), t, x, generator=generator).prev_sample
+    assert torch.allclose(x, expected, rtol=2e-3, atol=2e-3 * mixture.means.abs().max().item())
+
+
+def test_annealed_langevin_equals_pc_annealed_corrector():
+    """ALD with step_lr = 2 snr^2 sigma_min^2 is the PC sampler with only the annealed Langevin corrector."""
+    snr, sigma_min, sigma_max = 0.2, 0.01, 10.0
+    ald = AnnealedLangevinScheduler(sigma_min=sigma_min, sigma_max=sigma_max, num_annealed_steps=5, step_lr=2 * snr**2 * sigma_min**2)
+    pc = PredictorCorrectorScheduler(
+        sde_type="ve", sigma_min=sigma_min, sigma_max=sigma_max, predictor="none", corrector="annealed_langevin",
+        snr=snr, num_corrector_steps=5, sampling_eps=0.0,
+    )
+    ald_samples = run_loop(ald, exact_score_model(RING, ald), (64, 2), 10, seed=1)
+    pc_samples = run_loop(pc, exact_score_model(RING, pc), (64, 2), 10, seed=1)
+    assert torch.allclose(ald_samples, pc_samples, rtol=1e-5, atol=1e-5)
+
+
+def test_ancestral_on_a_ddpm_schedule_is_ddpm():
+    mixture = GaussianMixture.ring()
+    reference = DDPMScheduler(clip_sample=False)
+    ours = PredictorCorrectorScheduler.from_config(reference.config, predictor="ancestral", corrector="none")
+    model = exact_score_model(mixture, ours)
+    results = []
+    for scheduler in (reference, ours):
+        generator = torch.manual_seed(0)
+        scheduler.set_timesteps(1000)
+        x = torch.randn(16, 2, generator=generator)
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t), t, x, generator=generator).prev_sample
+        results.append(x)
+    assert torch.allclose(results[0], results[1], atol=1e-4)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: VEEulerMaruyamaScheduler(sigma_min=1.0, sigma_max=0.5), "sigma_max"),
+        (lambda: VEEulerMaruyamaScheduler(sigma_min=0.0), "sigma_min"),
+        (lambda: VPEulerMaruyamaScheduler(beta_min=20.0, beta_max=0.1), "beta_max"),
+        (lambda: VPEulerMaruyamaScheduler(sde_type="ve"), "sde_type"),
+        (lambda: VPEulerMaruyamaScheduler(beta_schedule="cosine"), "beta_schedule"),
+        (lambda: VPEulerMaruyamaScheduler(sampling_eps=0.0), "sampling_eps"),
+        (lambda: PredictorCorrectorScheduler(snr=0.0), "snr"),
+        (lambda: PredictorCorrectorScheduler(predictor="euler"), "predictor"),
+        (lambda: PredictorCorrectorScheduler(corrector="hmc"), "corrector"),
+        (lambda: PredictorCorrectorScheduler(num_corrector_steps=0), "num_corrector_steps"),
+        (lambda: PredictorCorrectorScheduler(prediction_type="flow"), "prediction_type"),
+        (lambda: ProbabilityFlowODEScheduler(timestep_type="ticks"), "timestep_type"),
+        (lambda: ProbabilityFlowODEScheduler(solver="rk4"), "solver"),
+        (lambda: ProbabilityFlowODEScheduler(time_spacing="karras"), "time_spacing"),
+        (lambda: AnnealedLangevinScheduler(step_lr=-1.0), "step_lr"),
+    ],
+)
+def test_bad_config_names_the_field(make, field):
+    with pytest.raises(ValueError, match=field) as error:
+        make()
+    assert "invalid" in str(error.value) or "supported" in str(error.value)
+
+
+def test_bad_calls():
+    scheduler = PredictorCorrectorScheduler()
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="before set_timesteps"):
+        scheduler.step(x, 1.0, x)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        scheduler.set_timesteps(0)
+    scheduler.set_timesteps(3)
+    t = scheduler.timesteps[0]
+    with pytest.raises(ValueError, match="shape"):
+        scheduler.step(torch.randn(4, 3), t, x)
+    with pytest.raises(ValueError, match=r"step 0 .*sigma=50.*NaN"):
+        scheduler.step(torch.full_like(x, math.nan), t, x)
+    with pytest.raises(ValueError, match="entry 0 of scheduler.timesteps"):
+        scheduler.step(x, scheduler.timesteps[2].item(), x)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="set_timesteps again"):
+        scheduler.step(x, t, x)
+
+
+def test_nonfinite_on_an_accelerator_is_reported_after_the_loop():
+    scheduler = VEEulerMaruyamaScheduler()
+    scheduler.set_timesteps(3, device="meta")
+    # meta tensors stand in for a device whose values cannot be read without a sync; flags are kept instead
+    x = torch.empty(2, 2, device="meta")
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.empty_like(x), t, x).prev_sample
+    assert len(scheduler._nonfinite_flags) == 3
