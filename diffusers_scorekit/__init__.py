@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .pipelines import ScoreSDEPipeline, ScoreSDEPipelineOutput
 from .parametrization import PREDICTION_TYPES, TIMESTEP_TYPES, epsilon_and_sample, model_target
 from .schedulers import (
     AnnealedLangevinScheduler,
@@ -12,7 +13,13 @@ from .schedulers import (
     VEEulerMaruyamaScheduler,
     VPEulerMaruyamaScheduler,
 )
+from .score_function import ScoreFunction
 from .sde import SDE, VESDE, VPSDE, SubVPSDE, build_sde
+
+import os as _os
+
+#: pass as ``custom_pipeline=`` to ``DiffusionPipeline.from_pretrained`` to load a ScoreSDEPipeline folder
+CUSTOM_PIPELINE = _os.path.join(_os.path.dirname(__file__), "pipelines", "custom_pipeline.py")
 
 # diffusers resolves a component saved as ("diffusers_scorekit", "SomeClass") by importing this package and
 # finding the base classes it knows as names on it

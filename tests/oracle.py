@@ -12,3 +12,59 @@ def run_loop(scheduler, model, shape, num_inference_steps, seed=0):
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
     return x
+
+
+class OracleModel:
+    """The mixture's exact answer as a pipeline component: ``model(x, timestep, class_labels).sample``.
+
+    With ``class_labels`` (one per component, plus ``num_components`` as the null label) it answers with that
+    component's own perturbed score: the exact class-conditional model for classifier-free guidance.
+    """
+
+    def __init__(self, mixture, scheduler, conditional=False):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.mixture, self.scheduler = mixture, scheduler
+        self.config = FrozenDict(
+            data_dim=mixture.dim,
+            prediction_type=scheduler.config.prediction_type,
+            timestep_type=scheduler.config.timestep_type,
+            num_class_embeds=len(mixture.weights) if conditional else None,
+        )
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def _marginal(self, timestep):
+        from diffusers_scorekit.parametrization import t_from_timestep
+
+        config = self.scheduler.config
+        t = t_from_timestep(torch.as_tensor(timestep).reshape(-1)[:1], self.scheduler.sde, config.timestep_type, config.num_train_timesteps)
+        return (value.item() for value in self.scheduler.sde.marginal(t))
+
+    def __call__(self, x, timestep, class_labels=None):
+        from types import SimpleNamespace
+
+        a, sigma = self._marginal(timestep)
+        prediction_type = self.config["prediction_type"]
+        if class_labels is None:
+            return SimpleNamespace(sample=self.mixture.model_output(x, a, sigma, prediction_type))
+        output = self.mixture.model_output(x, a, sigma, prediction_type)
+        for k in range(len(self.mixture.weights)):
+            rows = class_labels == k
+            if rows.any():
+                component = GaussianMixture([1.0], self.mixture.means[k : k + 1], self.mixture.stds[k : k + 1])
+                output[rows] = component.model_output(x[rows], a, sigma, prediction_type)
+        return SimpleNamespace(sample=output)
+
+
+def mixture_classifier(mixture, scheduler):
+    """The exact noise-conditional classifier log p(k | x_t) of the mixture's components, as logits."""
+    oracle = OracleModel(mixture, scheduler)
+
+    def classifier(x, timestep):
+        a, sigma = oracle._marginal(timestep)
+        variances = a**2 * mixture.stds**2 + sigma**2
+        diff = x.to(torch.float64)[:, None, :] - a * mixture.means[None]
+        terms = mixture.weights.log() - 0.5 * diff.pow(2).sum(-1) / variances - 0.5 * mixture.dim * torch.log(variances)
+        return terms.to(x.dtype)
+
+    return classifier

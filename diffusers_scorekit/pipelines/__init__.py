@@ -1,0 +1,3 @@
+from .score_sde import ScoreSDEPipeline, ScoreSDEPipelineOutput
+
+__all__ = ["ScoreSDEPipeline", "ScoreSDEPipelineOutput"]
