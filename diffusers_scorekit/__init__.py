@@ -16,11 +16,6 @@ from .schedulers import (
 from .score_function import ScoreFunction
 from .sde import SDE, VESDE, VPSDE, SubVPSDE, build_sde
 
-import os as _os
-
-#: pass as ``custom_pipeline=`` to ``DiffusionPipeline.from_pretrained`` to load a ScoreSDEPipeline folder
-CUSTOM_PIPELINE = _os.path.join(_os.path.dirname(__file__), "pipelines", "custom_pipeline.py")
-
 # diffusers resolves a component saved as ("diffusers_scorekit", "SomeClass") by importing this package and
 # finding the base classes it knows as names on it
 from diffusers import ModelMixin, SchedulerMixin  # noqa: E402,F401

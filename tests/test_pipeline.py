@@ -10,7 +10,6 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 
 from diffusers_scorekit import (
-    CUSTOM_PIPELINE,
     AnnealedLangevinScheduler,
     PredictorCorrectorScheduler,
     ProbabilityFlowODEScheduler,
@@ -111,7 +110,7 @@ def test_save_and_reload_through_both_loaders_gives_identical_samples(make_sched
     assert index["scheduler"] == ["diffusers_scorekit", type(pipe.scheduler).__name__]
     assert os.listdir(tmp_path / "unet") and (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     ours = quiet(ScoreSDEPipeline.from_pretrained(tmp_path))
-    generic = quiet(DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=CUSTOM_PIPELINE, trust_remote_code=True))
+    generic = quiet(DiffusionPipeline.from_pretrained(tmp_path))
     for loaded in (ours, generic):
         assert type(loaded) is ScoreSDEPipeline and type(loaded.scheduler) is type(pipe.scheduler)
         assert np.array_equal(sample(loaded), expected)

@@ -15,7 +15,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..parametrization import epsilon_and_sample, model_target
 from ..schedulers import PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, ScoreSchedulerMixin
 
-LIBRARY = "diffusers_scorekit"
+from .diffusers_registration import LIBRARY
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 OUTPUT_TYPES = ("pil", "np", "pt")
 
