@@ -295,3 +295,49 @@ def test_inpainting_a_mixture_picks_the_component_the_known_half_implies():
     assert right.float().mean() > 0.92
     filled = samples[right, 32:].double() - mixture.means[labels[right]][:, 32:]
     assert abs(filled.var().item() / 0.04 - 1) < 0.08
+
+
+# --- scorekit's own models ---------------------------------------------------------------------------------
+
+
+def native_models():
+    from diffusers_scorekit import NCSNScoreModel, ScoreMLP
+
+    torch.manual_seed(0)
+    return {
+        "mlp_score_sigma": ScoreMLP(data_dim=3, hidden_dim=16, num_layers=1, embedding_dim=16),
+        "mlp_epsilon_discrete": ScoreMLP(data_dim=3, hidden_dim=16, num_layers=1, embedding_dim=16,
+                                         prediction_type="epsilon", timestep_type="discrete"),
+        "ncsn_score_sigma": NCSNScoreModel(in_channels=1, sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                                           embedding_dim=16),
+        "ncsn_v_continuous": NCSNScoreModel(in_channels=1, sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                                            embedding_dim=16, prediction_type="v_prediction", timestep_type="continuous"),
+    }
+
+
+def schedulers_for(model):
+    conventions = {"prediction_type": model.config.prediction_type, "timestep_type": model.config.timestep_type}
+    return {
+        "ald": AnnealedLangevinScheduler(num_annealed_steps=2, **conventions),
+        "ve_em": VEEulerMaruyamaScheduler(**conventions),
+        "vp_em": VPEulerMaruyamaScheduler(**conventions),
+        "pc_subvp": PredictorCorrectorScheduler(sde_type="subvp", **conventions),
+        "ode_vp": ProbabilityFlowODEScheduler(**conventions),
+    }
+
+
+@pytest.mark.parametrize("model_name", ["mlp_score_sigma", "mlp_epsilon_discrete", "ncsn_score_sigma", "ncsn_v_continuous"])
+def test_native_models_with_every_scheduler_save_and_reload(model_name, tmp_path):
+    model = native_models()[model_name]
+    for scheduler_name, scheduler in schedulers_for(model).items():
+        pipe = quiet(ScoreSDEPipeline(unet=model, scheduler=scheduler))
+        run = lambda p: p(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt")  # noqa: E731
+        first = run(pipe)
+        expected = first.images if pipe.is_image_model else first.samples
+        assert torch.isfinite(expected).all()
+        folder = tmp_path / scheduler_name
+        pipe.save_pretrained(folder)
+        assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers_scorekit", type(model).__name__]
+        for loaded in (ScoreSDEPipeline.from_pretrained(folder), DiffusionPipeline.from_pretrained(folder)):
+            again = run(quiet(loaded))
+            assert torch.equal(again.images if pipe.is_image_model else again.samples, expected)
