@@ -125,12 +125,12 @@ SAMPLERS = [
             sde_type=sde, solver=solver, time_spacing=spacing, **({"prediction_type": "score", "timestep_type": "sigma"} if sde == "ve" else {})
         ))
         for sde in ("vp", "ve")
-        for solver in ("euler", "heun")
+        for solver in ("euler", "heun", "dpm_solver_2m")
         for spacing in ("edm", "log_snr")
     ],
     *[
         Sampler(f"ode_vp_{solver}_{spacing}_ddpm", "scorekit", scorekit_on_ddpm(ProbabilityFlowODEScheduler, solver=solver, time_spacing=spacing))
-        for solver in ("euler", "heun")
+        for solver in ("euler", "heun", "dpm_solver_2m")
         for spacing in ("edm", "log_snr")
     ],
     Sampler("annealed_langevin", "scorekit", lambda: AnnealedLangevinScheduler(sigma_max=10.0, num_annealed_steps=5)),

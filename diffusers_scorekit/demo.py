@@ -26,7 +26,7 @@ DEMO_SCHEDULERS = {
     "VE Euler-Maruyama": (VEEulerMaruyamaScheduler(), 500),
     "VP Euler-Maruyama": (VPEulerMaruyamaScheduler(), 500),
     "PC (VE, RD + Langevin)": (PredictorCorrectorScheduler(), 250),
-    "PF-ODE (VP, Heun)": (ProbabilityFlowODEScheduler(), 25),
+    "PF-ODE (VP, DPM-Solver++ 2M)": (ProbabilityFlowODEScheduler(), 25),
 }
 
 

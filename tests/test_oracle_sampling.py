@@ -45,9 +45,12 @@ SAMPLERS = {
         ),
         250,
     ),
-    "ode_vp_heun_edm": (lambda: ProbabilityFlowODEScheduler(), 40),
+    "ode_vp_heun_edm": (lambda: ProbabilityFlowODEScheduler(solver="heun", time_spacing="edm"), 40),
+    # NFE 50: at the sampling noise floor on both mixtures (BENCHMARKS.md)
+    "ode_vp_dpm_solver_2m": (lambda: ProbabilityFlowODEScheduler(), 50),
+    "ode_ve_dpm_solver_2m": (lambda: ProbabilityFlowODEScheduler(sde_type="ve", prediction_type="sample"), 50),
     "ode_ve_heun_log_snr": (
-        lambda: ProbabilityFlowODEScheduler(sde_type="ve", prediction_type="score", timestep_type="sigma", time_spacing="log_snr"),
+        lambda: ProbabilityFlowODEScheduler(sde_type="ve", prediction_type="score", timestep_type="sigma", solver="heun"),
         25,
     ),
     "ode_subvp_euler": (lambda: ProbabilityFlowODEScheduler(sde_type="subvp", solver="euler", prediction_type="v_prediction"), 200),
@@ -102,6 +105,10 @@ def _ode_slope_off_by_sqrt2(x, epsilon, a_hi, noise_ratio_hi, a_lo, noise_ratio_
     return a_lo * (x / a_hi + (noise_ratio_lo - noise_ratio_hi) * epsilon * math.sqrt(2))
 
 
+def _data_step_sign_flipped(x, sample_0, sigma_hi, noise_ratio_hi, a_lo, sigma_lo, noise_ratio_lo):
+    return (sigma_lo / sigma_hi) * x - a_lo * (1 - noise_ratio_lo / noise_ratio_hi) * sample_0
+
+
 MUTANTS = {
     "em_noise_missing_sqrt2": (scheduling_utils, "euler_maruyama", _noise_missing_sqrt2, "ve_euler_maruyama", "64d"),
     "em_drift_sign_flipped": (scheduling_utils, "euler_maruyama", _drift_sign_flipped, "vp_euler_maruyama", "64d"),
@@ -112,6 +119,13 @@ MUTANTS = {
         _ode_slope_off_by_sqrt2,
         "ode_vp_heun_edm",
         "64d",
+    ),
+    "dpm_solver_data_term_sign_flipped": (
+        scheduling_probability_flow_ode,
+        "probability_flow_data_step",
+        _data_step_sign_flipped,
+        "ode_vp_dpm_solver_2m",
+        "ring",
     ),
 }
 

@@ -28,7 +28,8 @@ CASES = {
         5,
     ),
     "pc_annealed_only": (lambda: PredictorCorrectorScheduler(predictor="none", corrector="annealed_langevin"), 5, 6),
-    "ode_heun": (lambda: ProbabilityFlowODEScheduler(), 5, 2 * 4 + 1),
+    "ode_heun": (lambda: ProbabilityFlowODEScheduler(solver="heun"), 5, 2 * 4 + 1),
+    "ode_dpm_solver_2m": (lambda: ProbabilityFlowODEScheduler(), 5, 5),
     "ode_euler_ve": (lambda: ProbabilityFlowODEScheduler(sde_type="ve", solver="euler", prediction_type="score"), 5, 5),
 }
 

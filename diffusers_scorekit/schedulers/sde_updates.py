@@ -70,3 +70,10 @@ def probability_flow_euler(x, epsilon, a_hi, noise_ratio_hi, a_lo, noise_ratio_l
     """
     return a_lo * (x / a_hi + (noise_ratio_lo - noise_ratio_hi) * epsilon)
 
+
+
+def probability_flow_data_step(x, sample_0, sigma_hi, noise_ratio_hi, a_lo, sigma_lo, noise_ratio_lo):
+    """The same ODE step written for an ``x_0`` estimate held fixed over the step (DPM-Solver++, Lu et al. 2022):
+    ``x_lo = (sigma_lo / sigma_hi) x + a_lo (1 - s_lo / s_hi) x_0``. With the model's own ``x_0`` it is the Euler
+    step above; with an ``x_0`` extrapolated from the previous step it is second order (DPM-Solver++ 2M)."""
+    return (sigma_lo / sigma_hi) * x + a_lo * (1 - noise_ratio_lo / noise_ratio_hi) * sample_0
