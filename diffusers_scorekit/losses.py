@@ -25,15 +25,10 @@ import torch
 
 from .parametrization import model_target
 from .score_function import ScoreFunction
-from .sde import VESDE, broadcast_like
+from .sde import broadcast_like, default_sampling_eps
 
 TIME_SAMPLINGS = ("continuous", "discrete")
 WEIGHTINGS = ("sigma2", "likelihood", "native")
-
-
-def default_sampling_eps(sde) -> float:
-    """score_sde's lower end of training time: 1e-5 on VE, 1e-3 on VP / sub-VP (where sigma(0) = 0)."""
-    return 1e-5 if isinstance(sde, VESDE) else 1e-3
 
 
 class _ImportanceSampler:

@@ -292,6 +292,17 @@ class SubVPSDE(_BetaSDE):
 SDE_TYPES = ("ve", "vp", "subvp")
 
 
+def default_sampling_eps(sde: SDE) -> float:
+    """Where sampling, training and the likelihood flow stop short of ``t = 0`` (score_sde's choices): 1e-5 on
+    VE, 1e-3 on a continuous VP / sub-VP (where ``sigma(0) = 0`` and the score blows up), and 0 on a discrete DDPM
+    schedule made continuous (its first training step already has ``sigma > 0``)."""
+    if isinstance(sde, VESDE):
+        return 1e-5
+    if isinstance(getattr(sde, "schedule", None), InterpolatedBetaSchedule):
+        return 0.0
+    return 1e-3
+
+
 def build_sde(
     sde_type: str,
     sigma_min: float = 0.01,

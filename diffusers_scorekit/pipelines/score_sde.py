@@ -12,7 +12,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import likelihood as flows
 from ..parametrization import epsilon_and_sample, model_target
+from ..score_function import ScoreFunction
 from ..schedulers import PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, ScoreSchedulerMixin
 
 from .diffusers_registration import LIBRARY
@@ -26,6 +28,15 @@ class ScoreSDEPipelineOutput(BaseOutput):
     """Samples of a non-image model: an array or tensor of shape ``(batch, *sample_shape)``."""
 
     samples: Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class AdaptiveSamplingOutput(BaseOutput):
+    """Samples from the adaptive probability-flow ODE solve (images or vectors, per ``output_type``) and the
+    number of model evaluations it took."""
+
+    samples: Union[List, np.ndarray, torch.Tensor]
+    nfe: int
 
 
 def model_conventions(model) -> Optional[Tuple[str, str]]:
@@ -315,6 +326,78 @@ class ScoreSDEPipeline(DiffusionPipeline):
             None, known, keep_mask, None,
         )
         return self._postprocess(x, output_type, return_dict)
+
+    # --- the probability-flow ODE, solved adaptively: likelihood, sampling, encoding ------------------------
+
+    def score_function(self) -> ScoreFunction:
+        """The model seen through the scheduler's SDE and conventions."""
+        self.check_conventions()
+        config = self.scheduler.config
+        return ScoreFunction(self.unet, self.scheduler.sde, config.prediction_type, config.timestep_type,
+                             config.get("num_train_timesteps", 1000))
+
+    def _as_model_input(self, samples) -> Tuple[torch.Tensor, bool]:
+        """``(x, is_8bit)``: PIL images and uint8 arrays become dequantised 8-bit data in [-1, 1]."""
+        if isinstance(samples, list) and samples and hasattr(samples[0], "convert"):
+            samples = np.stack([np.asarray(image) for image in samples])
+            samples = samples[..., None] if samples.ndim == 3 else samples
+            samples = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
+        samples = torch.as_tensor(samples)
+        is_8bit = samples.dtype == torch.uint8
+        if tuple(samples.shape[1:]) != self.sample_shape:
+            raise ValueError(f"samples must have shape (batch, {', '.join(map(str, self.sample_shape))}), got {tuple(samples.shape)}.")
+        return samples, is_8bit
+
+    def log_likelihood(self, samples, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+                       divergence: str = "hutchinson", num_probes: int = 1, probe: str = "rademacher",
+                       generator: Optional[torch.Generator] = None) -> flows.LikelihoodOutput:
+        """Per-sample log-likelihood (nats) and bits/dim of ``samples`` under the model's probability-flow ODE.
+
+        ``samples``: a batch in the model's space (continuous data: ``bits_per_dim = -log p / (D log 2)``), or 8-bit
+        images as a list of PIL images or a uint8 tensor/array ``(batch, C, H, W)``, which are dequantised
+        (``2 (k + u) / 256 - 1``) and reported as discrete 8-bit data (see ``likelihood.log_likelihood``). The
+        result also carries ``nfe``, the model evaluations of the adaptive solve.
+        """
+        x, is_8bit = self._as_model_input(samples)
+        if is_8bit:
+            if self.data_range != (-1.0, 1.0):
+                raise ValueError(f"8-bit likelihood assumes the model's data range (-1, 1); this pipeline uses {self.data_range}.")
+            x = flows.dequantize_and_scale(x, generator=generator)
+        x = x.to(device=self._execution_device, dtype=self.unet.dtype)
+        return flows.log_likelihood(
+            self.score_function(), x, rtol=rtol, atol=atol, method=method, divergence=divergence,
+            num_probes=num_probes, probe=probe, data="8bit" if is_8bit else "continuous", generator=generator,
+        )
+
+    @torch.no_grad()
+    def sample_adaptive(self, batch_size: int = 1, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+                        denoise_final: bool = True, generator: Optional[torch.Generator] = None,
+                        output_type: Optional[str] = None, latents: Optional[torch.Tensor] = None) -> AdaptiveSamplingOutput:
+        """Sample by solving the probability-flow ODE with an adaptive solver (Dormand-Prince by default) from the
+        prior to ``sampling_eps``, then (``denoise_final``) one Tweedie step; reports the NFE it took."""
+        output_type = output_type or ("pil" if self.is_image_model else "np")
+        self._check_call(1, output_type, None, batch_size)
+        shape_or_latents = latents if latents is not None else (batch_size, *self.sample_shape)
+        flow = flows.ode_sample(
+            self.score_function(), shape_or_latents, rtol=rtol, atol=atol, method=method,
+            sampling_eps=self.scheduler.sampling_eps, denoise_final=denoise_final, generator=generator,
+            device=self._execution_device, dtype=self.unet.dtype,
+        )
+        (samples,) = self._postprocess(flow.x, output_type, return_dict=False)
+        return AdaptiveSamplingOutput(samples=samples, nfe=flow.nfe)
+
+    def encode(self, samples: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5) -> flows.FlowOutput:
+        """Data (in the model's space) to prior latents along the probability-flow ODE: the inverse of ``decode``,
+        for interpolation and editing. Returns ``(latents, nfe)``."""
+        x = torch.as_tensor(samples).to(device=self._execution_device, dtype=self.unet.dtype)
+        with torch.no_grad():
+            return flows.encode(self.score_function(), x, rtol=rtol, atol=atol, sampling_eps=self.scheduler.sampling_eps)
+
+    def decode(self, latents: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5) -> flows.FlowOutput:
+        """Prior latents to data (model space, no denoising step) along the probability-flow ODE."""
+        latents = torch.as_tensor(latents).to(device=self._execution_device, dtype=self.unet.dtype)
+        with torch.no_grad():
+            return flows.decode(self.score_function(), latents, rtol=rtol, atol=atol, sampling_eps=self.scheduler.sampling_eps)
 
     # --- saving and loading --------------------------------------------------------------------------------
 

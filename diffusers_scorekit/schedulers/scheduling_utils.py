@@ -27,7 +27,7 @@ from ..parametrization import (
     t_from_timestep,
     timestep_from_t,
 )
-from ..sde import SDE, SDE_TYPES, as_time, broadcast_like, build_sde
+from ..sde import SDE, SDE_TYPES, as_time, broadcast_like, build_sde, default_sampling_eps
 from .sde_updates import ancestral, euler_maruyama, langevin, reverse_diffusion, snr_step_size, transition
 
 
@@ -280,14 +280,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     @property
     def sampling_eps(self) -> float:
-        """The last time of the grid: the config's ``sampling_eps``, or by default 1e-5 on VE, 1e-3 on a
-        continuous VP/sub-VP and 0 (the last training step) on a discrete DDPM schedule."""
+        """The last time of the grid: the config's ``sampling_eps``, or ``sde.default_sampling_eps``."""
         if self.config.get("sampling_eps") is not None:
             return float(self.config.sampling_eps)
-        if self.sde_type == "ve":
-            return 1e-5
-        discrete = self.config.get("beta_schedule") is not None or self.config.get("trained_betas") is not None
-        return 0.0 if discrete else 1e-3
+        return default_sampling_eps(self.sde)
 
     def __len__(self):
         return self.config.num_train_timesteps
