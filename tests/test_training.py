@@ -1,0 +1,255 @@
+"""The training script, its checkpoints and resuming, and the ``scorekit`` CLI (CPU, tiny runs)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_scorekit import ScoreSDEPipeline, cli, training
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO_ROOT / "training" / "train_score_sde.py"
+WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+# the end-of-run evaluation of a tiny run: a few samples, a few steps, no likelihood
+QUICK_EVAL = ["--num_inference_steps", "5", "--num_eval_samples", "64", "--eval_likelihood_samples", "0"]
+TINY_TOY = ["--dataset", "two_moons", "--num_toy_samples", "2000", "--hidden_dim", "32", "--num_layers", "2",
+            "--train_batch_size", "64", "--lr_warmup_steps", "5", *QUICK_EVAL]
+
+
+def subprocess_env(**extra):
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", **extra)
+
+
+def run_script(*args, env_extra=None, launcher=()):
+    return subprocess.run(
+        [sys.executable, *launcher, str(TRAIN_SCRIPT), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        env=subprocess_env(**(env_extra or {})), timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    """A VE ScoreMLP trained for 40 steps on two moons through ``scorekit train``, with EMA."""
+    output_dir = tmp_path_factory.mktemp("moons")
+    cli.main(["train", *TINY_TOY, "--max_train_steps", "40", "--checkpointing_steps", "20", "--use_ema",
+              "--eval_likelihood_samples", "20", "--output_dir", str(output_dir)])
+    return output_dir
+
+
+def test_toy_run_saves_a_loadable_pipeline_with_model_card(toy_pipeline):
+    assert (toy_pipeline / WEIGHTS).is_file()
+    # pickles only inside accelerate's checkpoints (optimizer.bin), never in the pipeline itself
+    assert not [p for p in toy_pipeline.rglob("*.bin") if "checkpoint-" not in str(p)]
+    assert (toy_pipeline / training.SAMPLE_IMAGE_NAME).is_file()
+    assert [p.name for p in training.list_checkpoints(toy_pipeline)] == ["checkpoint-20"]
+
+    card = ModelCard.load(toy_pipeline / "README.md")
+    assert card.data.library_name == "diffusers_scorekit"
+    assert {"score-based", "sde", "diffusers", "diffusers_scorekit"} <= set(card.data.tags)
+    assert card.data.license == "apache-2.0"
+    assert "ScoreSDEPipeline.from_pretrained" in card.text
+    assert "coverage" in card.text and "bits/dim" in card.text
+    assert ("| bits/dim | not measured" in card.text) != cli.has_likelihood()
+
+    pipe = ScoreSDEPipeline.from_pretrained(toy_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    samples = pipe(batch_size=32, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).samples
+    assert samples.shape == (32, 2) and np.isfinite(samples).all()
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """SIGKILL between checkpoints, resume from the latest: bit-for-bit the weights of an uninterrupted run
+    (EMA and gradient accumulation included)."""
+    options = [*TINY_TOY, "--max_train_steps", "30", "--checkpointing_steps", "10", "--use_ema",
+               "--gradient_accumulation_steps", "2", "--checkpoints_total_limit", "2"]
+    uninterrupted = run_script(*options, "--output_dir", str(tmp_path / "straight"))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    interrupted_dir = tmp_path / "interrupted"
+    killed = run_script(*options, "--output_dir", str(interrupted_dir), env_extra={training.KILL_AT_STEP_ENV: "25"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [p.name for p in training.list_checkpoints(interrupted_dir)] == ["checkpoint-10", "checkpoint-20"]
+    assert not (interrupted_dir / WEIGHTS).exists()
+
+    resumed = run_script(*options, "--output_dir", str(interrupted_dir), "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "checkpoint-20" in resumed.stderr
+
+    expected, actual = load_file(tmp_path / "straight" / WEIGHTS), load_file(interrupted_dir / WEIGHTS)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_checkpoints_total_limit_and_atomic_rename(tmp_path):
+    args = training.parse_args([*TINY_TOY, "--max_train_steps", "7", "--checkpointing_steps", "2",
+                                "--checkpoints_total_limit", "2", "--output_dir", str(tmp_path)])
+    training.main(args)
+    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    saved = json.loads((tmp_path / "checkpoint-6" / training.RUN_CONFIG_NAME).read_text())
+    assert saved["model"]["class"] == "ScoreMLP" and saved["sde"]["sde_type"] == "ve"
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    training.main(training.parse_args([*TINY_TOY, "--max_train_steps", "3", "--checkpointing_steps", "2",
+                                       "--output_dir", str(tmp_path)]))
+    args = training.parse_args([*TINY_TOY, "--hidden_dim", "16", "--max_train_steps", "3",
+                                "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-2.*hidden_dim: checkpoint 32, now 16"):
+        training.main(args)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "two_moons", "--sde", "ou"], "invalid choice: 'ou'"),
+        (["--dataset", "two_moons", "--loss", "nce"], "invalid choice: 'nce'"),
+        (["--dataset", "fashion_mnist", "--resolution", "30"], "use 28 or 32"),
+        (["--dataset", "fashion_mnist", "--model", "unet2d", "--resolution", "28", "--prediction_type", "epsilon"],
+         "NCSN\\+\\+ layout"),
+        (["--train_data_dir", "x", "--model", "unet2d", "--resolution", "48"], "presets for --resolution"),
+        (["--train_data_dir", "x", "--resolution", "30"], "divisible by 4"),
+        (["--dataset", "two_moons", "--model", "ncsn"], "use scorekit_mlp for the 2-D toys"),
+        (["--dataset", "two_moons", "--sde", "vp", "--sampler", "ald"], "VE SDE only"),
+        (["--dataset", "two_moons", "--loss", "ssm", "--num_classes", "2"], "unconditional models only"),
+        (["--dataset", "two_moons", "--train_data_dir", "x"], "exactly one of"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        training.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_data_is_rejected_before_training(tmp_path):
+    missing = training.parse_args(["--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        training.main(missing)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (12, 10), "red").save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    broken = training.parse_args(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        training.main(broken)
+
+    no_fashion = training.parse_args(["--dataset", "fashion_mnist", "--fashion_mnist_dir", str(tmp_path),
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        training.main(no_fashion)
+
+    unlabelled = training.parse_args([*TINY_TOY, "--num_classes", "1", "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="too small: the data has 2 labels"):
+        training.main(unlabelled)
+    assert not (tmp_path / "out" / WEIGHTS).exists()
+
+
+def test_class_conditional_image_folder_run(tmp_path):
+    """An image folder with one subfolder per class, random flips, label dropout, an NCSN model and its card."""
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    output_dir = tmp_path / "out"
+    training.main(training.parse_args([
+        "--train_data_dir", str(tmp_path / "data"), "--resolution", "8", "--center_crop", "--random_flip",
+        "--block_out_channels", "8,8", "--num_classes", "2", "--train_batch_size", "4", "--max_train_steps", "3",
+        "--num_eval_samples", "4", "--num_inference_steps", "3", "--output_dir", str(output_dir),
+    ]))
+    pipe = ScoreSDEPipeline.from_pretrained(output_dir)
+    assert pipe.unet.config.num_class_embeds == 2 and pipe.sample_shape == (3, 8, 8)
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert "`0` cats, `1` dogs" in card.text and "class_labels=labels" in card.text
+    assert Image.open(output_dir / training.SAMPLE_IMAGE_NAME).size == (16, 16)
+
+
+@pytest.mark.skipif(not Path(training.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist package")
+def test_fashion_mnist_is_read_and_padded():
+    args = training.parse_args(["--dataset", "fashion_mnist", "--resolution", "32"])
+    data = training.load_data(args)
+    assert data.examples.shape == (60000, 1, 32, 32) and data.examples.dtype == torch.uint8
+    assert data.held_out.shape == (10000, 1, 32, 32) and data.num_classes == 10
+    assert data.examples[:, :, :2].max() == 0  # the padding is background
+    x = data.to_model_space(data.examples[:8])
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_push_to_hub_failure_says_where_the_files_are(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    args = training.parse_args([*TINY_TOY, "--push_to_hub", "--hub_model_id", "someone/moons",
+                                "--output_dir", str(tmp_path)])
+    with pytest.raises(RuntimeError, match=f"Nothing is lost: .* are in {tmp_path}"):
+        training.push_to_hub(args)
+
+
+def test_knn_coverage():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=generator)
+    good = training.knn_coverage(real, torch.randn(500, 2, generator=generator))
+    collapsed = training.knn_coverage(real, torch.zeros(500, 2))
+    assert good["coverage"] > 0.8 and good["precision"] > 0.8
+    assert collapsed["coverage"] < 0.05 and collapsed["precision"] == 1.0
+
+
+def test_cli_sample_writes_scatter_and_npy(toy_pipeline, tmp_path):
+    png, npy = tmp_path / "points.png", tmp_path / "points.npy"
+    cli.main(["sample", str(toy_pipeline), "--scheduler", "ProbabilityFlowODEScheduler",
+              "--num_inference_steps", "4", "--num_samples", "100", "--output", str(png)])
+    assert Image.open(png).size[0] > 0
+    cli.main(["sample", str(toy_pipeline), "--num_inference_steps", "4", "--num_samples", "10", "--output", str(npy)])
+    assert np.load(npy).shape == (10, 2)
+    with pytest.raises(SystemExit):
+        cli.main(["sample", str(toy_pipeline), "--scheduler", "VPEulerMaruyamaScheduler", "--output", str(png)])
+
+
+@pytest.mark.skipif(not cli.has_likelihood(), reason="diffusers_scorekit.likelihood is not there")
+def test_cli_likelihood(toy_pipeline, capsys):
+    cli.main(["likelihood", str(toy_pipeline), "--num_examples", "10"])
+    assert "bits/dim" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    result = run_script(
+        *TINY_TOY, "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+        "--output_dir", str(tmp_path),
+        launcher=("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"),
+        # accelerate runs several processes on the CPU (gloo) only when told to use the CPU
+        env_extra={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert {p.name for p in (tmp_path / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl"}
+    assert (tmp_path / WEIGHTS).is_file()
+
+
+@pytest.mark.slow
+def test_cli_demo(tmp_path, capsys):
+    cli.main(["demo", "--output_dir", str(tmp_path), "--max_train_steps", "30", "--num_samples", "100"])
+    out = capsys.readouterr().out
+    for title, *_ in cli.DEMO_SAMPLERS:
+        assert title in out
+    assert (tmp_path / "demo_samplers.png").is_file() and (tmp_path / "README.md").is_file()
+    assert (tmp_path / "vp" / WEIGHTS).is_file()

@@ -1,0 +1,11 @@
+"""Train a score-based generative model with accelerate; see ``diffusers_scorekit.training`` for the details.
+
+    accelerate launch training/train_score_sde.py --dataset two_moons --max_train_steps 3000 --output_dir moons
+    python training/train_score_sde.py --dataset fashion_mnist --model ncsn --use_ema --output_dir fmnist
+    python training/train_score_sde.py --help
+"""
+
+from diffusers_scorekit.training import main, parse_args
+
+if __name__ == "__main__":
+    main(parse_args())
