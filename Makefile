@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m diffusers_scorekit.demo --out outputs/demo.png
+	$(VENV)/bin/scorekit demo --output_dir outputs/scorekit-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" -n 2
