@@ -1,4 +1,4 @@
-"""The ``scorekit`` command: train, sample, a quick demo and (when available) the likelihood.
+"""The ``scorekit`` command: train, sample, a quick demo and the likelihood.
 
     scorekit train --dataset two_moons --max_train_steps 3000 --output_dir moons     # training.py's arguments
     scorekit sample moons --scheduler ProbabilityFlowODEScheduler --num_inference_steps 50 --output moons.png
@@ -8,7 +8,6 @@
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -31,15 +30,6 @@ DEMO_SAMPLERS = [
     ("PF-ODE (Heun)", "ProbabilityFlowODEScheduler", "ve", 50),
     ("VP Euler-Maruyama", "VPEulerMaruyamaScheduler", "vp", 500),
 ]
-
-
-def has_likelihood() -> bool:
-    """Whether ``diffusers_scorekit.likelihood`` (written separately) is there with ``log_likelihood``."""
-    if importlib.util.find_spec("diffusers_scorekit.likelihood") is None:
-        return False
-    from . import likelihood
-
-    return hasattr(likelihood, "log_likelihood")
 
 
 # --- sample --------------------------------------------------------------------------------------------------
@@ -198,12 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num_samples", type=int, default=2000, help="points per sampler")
     demo.add_argument("--seed", type=int, default=0)
 
-    if has_likelihood():
-        likelihood = commands.add_parser("likelihood", help="bits/dim of held-out data by the probability-flow ODE")
-        likelihood.add_argument("pipeline", help="a folder written by `scorekit train`")
-        likelihood.add_argument("--num_examples", type=int, default=200)
-        likelihood.add_argument("--fashion_mnist_dir", default=training.FASHION_MNIST_DIR)
-        likelihood.add_argument("--seed", type=int, default=0)
+    likelihood = commands.add_parser("likelihood", help="bits/dim of held-out data by the probability-flow ODE")
+    likelihood.add_argument("pipeline", help="a folder written by `scorekit train`")
+    likelihood.add_argument("--num_examples", type=int, default=200)
+    likelihood.add_argument("--fashion_mnist_dir", default=training.FASHION_MNIST_DIR)
+    likelihood.add_argument("--seed", type=int, default=0)
     return parser
 
 

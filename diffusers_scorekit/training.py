@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .likelihood import dequantize_and_scale, log_likelihood
+from .losses import denoising_score_matching_loss, sliced_score_matching_loss
 from .mixture import GaussianMixture
 from .models import NCSNScoreModel, ScoreMLP
 from .parametrization import PREDICTION_TYPES, TIMESTEP_TYPES
@@ -753,19 +755,12 @@ def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples) -> Dict[s
 
 
 def likelihood_metric(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: int, seed: int) -> str:
-    """Bits/dim of ``num_examples`` held-out examples by the probability-flow ODE, when
-    ``diffusers_scorekit.likelihood`` exists (another part of the package, optional here)."""
+    """Bits/dim of ``num_examples`` held-out examples by the probability-flow ODE."""
     if num_examples <= 0:
         return "not measured"
-    try:
-        from .likelihood import dequantize_and_scale, log_likelihood
-    except ImportError:
-        return "not measured (diffusers_scorekit.likelihood is not available)"
     if pipe.unet.config.get("num_class_embeds") is not None:
         return "not measured (class-conditional model)"
-    config = pipe.scheduler.config
-    score_fn = ScoreFunction(pipe.unet, pipe.scheduler.sde, config.prediction_type, config.timestep_type,
-                             config.num_train_timesteps)
+    score_fn = pipe.score_function()
     examples = data.held_out[:num_examples].to(pipe.device)
     generator = torch.Generator(pipe.device).manual_seed(seed)
     if data.is_image:
@@ -858,8 +853,6 @@ def push_to_hub(args) -> str:
 
 
 def training_loss(args, score_fn: ScoreFunction, x0, class_labels, generator) -> torch.Tensor:
-    from .losses import denoising_score_matching_loss, sliced_score_matching_loss
-
     if args.loss == "ssm":
         return sliced_score_matching_loss(score_fn, x0, num_projections=args.num_projections,
                                           sampling_eps=args.sampling_eps, generator=generator)

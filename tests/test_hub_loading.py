@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ScoreSdeVePipeline, ScoreSdeVeScheduler
 
 from diffusers_scorekit import PredictorCorrectorScheduler, ScoreSDEPipeline, VEEulerMaruyamaScheduler
