@@ -393,12 +393,15 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                     f"step was called with timestep={timestep} but entry {index} of scheduler.timesteps is "
                     f"{expected}; call step once per entry of timesteps, in order."
                 )
+        # NaN propagates through min/max and Inf is the min or the max: one cheap reduction, no mask tensor
+        low, high = torch.aminmax(model_output)
+        finite = torch.isfinite(low) & torch.isfinite(high)
         if model_output.device.type == "cpu":
-            if not torch.isfinite(model_output).all():
+            if not finite:
                 self._raise_nonfinite(index)
         else:
             # on an accelerator, checking now would wait for the device; keep a flag for raise_if_nonfinite
-            self._nonfinite_flags.append(~torch.isfinite(model_output).all())
+            self._nonfinite_flags.append(~finite)
 
     def _raise_nonfinite(self, index: int):
         level = self.level_of(index)

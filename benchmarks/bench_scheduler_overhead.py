@@ -1,0 +1,125 @@
+"""Time the scheduler alone: microseconds per ``step`` with the model output precomputed (issue #6).
+
+Every scorekit scheduler against diffusers' DDPM, Euler, DPM-Solver multistep and ScoreSdeVe (predictor +
+corrector, the two calls ScoreSdeVePipeline makes per level) on a batch of 128 x 3 x 32 x 32, on the CPU and on
+CUDA when present. Prints a table (with each scheduler's ratio to diffusers' Euler, timed in the same run) and
+writes JSON.
+
+    PYTHONPATH=. python benchmarks/bench_scheduler_overhead.py [--batch_size 128] [--steps 50] [--out ...]
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
+
+from diffusers_scorekit import (
+    AnnealedLangevinScheduler,
+    PredictorCorrectorScheduler,
+    ProbabilityFlowODEScheduler,
+    VEEulerMaruyamaScheduler,
+    VPEulerMaruyamaScheduler,
+)
+
+DDPM_CONFIG = DDPMScheduler().config
+
+
+def scorekit_schedulers():
+    return {
+        "scorekit AnnealedLangevin": AnnealedLangevinScheduler(num_annealed_steps=1),
+        "scorekit VEEulerMaruyama": VEEulerMaruyamaScheduler(),
+        "scorekit VPEulerMaruyama": VPEulerMaruyamaScheduler.from_config(DDPM_CONFIG),
+        "scorekit PC (RD + Langevin)": PredictorCorrectorScheduler(),
+        "scorekit PC (ancestral)": PredictorCorrectorScheduler.from_config(DDPM_CONFIG, predictor="ancestral", corrector="none"),
+        "scorekit PF-ODE (DPM-Solver++ 2M)": ProbabilityFlowODEScheduler.from_config(DDPM_CONFIG),
+        "scorekit PF-ODE (Heun)": ProbabilityFlowODEScheduler.from_config(DDPM_CONFIG, solver="heun"),
+    }
+
+
+def diffusers_schedulers():
+    return {
+        "diffusers DDPM": DDPMScheduler(),
+        "diffusers Euler": EulerDiscreteScheduler.from_config(DDPM_CONFIG),
+        "diffusers DPM-Solver multistep": DPMSolverMultistepScheduler.from_config(DDPM_CONFIG),
+    }
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_plain_loop(scheduler, sample, model_output, steps, device, generator):
+    """Microseconds per ``scale_model_input`` + ``step`` over one full plain-loop pass of ``steps`` levels (after a warm-up pass)."""
+    for _ in range(2):
+        scheduler.set_timesteps(steps, device=device)
+        x = sample.clone()
+        synchronize(device)
+        start = time.perf_counter()
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)  # part of each step's scheduler work in the plain loop
+            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed / len(scheduler.timesteps) * 1e6
+
+
+def time_score_sde_ve(sample, model_output, steps, device, generator):
+    """ScoreSdeVe as its pipeline runs it: step_correct then step_pred per level (two calls, two model outputs)."""
+    scheduler = ScoreSdeVeScheduler()
+    for _ in range(2):
+        scheduler.set_timesteps(steps, device=device)
+        scheduler.set_sigmas(steps)
+        x = sample.clone()
+        synchronize(device)
+        start = time.perf_counter()
+        for t in scheduler.timesteps:
+            x = scheduler.step_correct(model_output, x, generator=generator).prev_sample
+            x = scheduler.step_pred(model_output, t, x, generator=generator).prev_sample
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed / (2 * steps) * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=50, help="noise levels per timed loop")
+    parser.add_argument("--out", default="benchmarks/results/scheduler_overhead.json")
+    args = parser.parse_args()
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        generator = torch.Generator(device).manual_seed(0)
+        shape = (args.batch_size, 3, 32, 32)
+        sample = torch.randn(shape, generator=generator, device=device)
+        model_output = 0.1 * torch.randn(shape, generator=generator, device=device)
+        timings = {}
+        for name, scheduler in {**scorekit_schedulers(), **diffusers_schedulers()}.items():
+            timings[name] = time_plain_loop(scheduler, sample, model_output, args.steps, device, generator)
+        timings["diffusers ScoreSdeVe (pred + corr)"] = time_score_sde_ve(sample, model_output, args.steps, device, generator)
+        reference = timings["diffusers Euler"]
+        for name, microseconds in timings.items():
+            rows.append({"device": device.type, "scheduler": name, "us_per_step": microseconds,
+                         "ratio_to_diffusers_euler": microseconds / reference})
+
+    print(f"batch {args.batch_size} x 3 x 32 x 32, float32, {args.steps} levels per loop")
+    print("| device | scheduler | µs / step | ratio to diffusers Euler |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['device']} | {row['scheduler']} | {row['us_per_step']:.0f} | {row['ratio_to_diffusers_euler']:.2f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                   "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                   "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
