@@ -33,8 +33,7 @@ from diffusers_scorekit.likelihood import (
     log_likelihood,
     probability_flow_drift,
 )
-from diffusers_scorekit.mixture import GaussianMixture
-from diffusers_scorekit.parametrization import t_from_timestep
+from diffusers_scorekit.mixture import GaussianMixture, marginal_at_timestep
 from diffusers_scorekit.score_function import ScoreFunction
 from diffusers_scorekit.sde import VPSDE, default_sampling_eps
 
@@ -108,8 +107,7 @@ def oracle_case(args, device):
     eps = default_sampling_eps(sde)
 
     def model(x, timestep):
-        t = t_from_timestep(timestep.reshape(-1)[:1].cpu(), sde, "continuous", 1000)
-        a, sigma = (value.item() for value in sde.marginal(t))
+        a, sigma = marginal_at_timestep(sde, timestep, "continuous")
         return mixture.model_output(x.cpu(), a, sigma, "epsilon").to(x.device)
 
     generator = torch.Generator().manual_seed(0)

@@ -19,6 +19,7 @@ import torch
 
 from . import schedulers as scorekit_schedulers
 from . import training
+from .demo import scatter_image
 from .pipelines import ScoreSDEPipeline
 from .schedulers.scheduling_utils import SCOREKIT_SCHEDULERS
 
@@ -74,7 +75,7 @@ def sample_command(args) -> None:
             # plot in data units: the model works on standardised points
             points = points * torch.tensor(normalization["std"]) + torch.tensor(normalization["mean"])
         title = f"{type(pipe.scheduler).__name__}, {args.num_inference_steps} steps"
-        training.scatter_image([(points, title)]).save(args.output)
+        scatter_image([(points, title)], extent=training.TOY_PLOT_EXTENT).save(args.output)
     else:
         raise SystemExit(f"a PNG needs images or 2-D points, this model samples shape {pipe.sample_shape}; "
                          "write an .npy file instead (--output samples.npy).")
@@ -146,7 +147,7 @@ def demo_command(args) -> None:
         print(f"{title:<22} {nfe:>5} {scores['coverage']:>9.3f} {scores['precision']:>9.3f} {seconds:>8.1f}")
         panels.append((points, f"{title}, NFE {nfe}, cov {scores['coverage']:.2f}"))
     figure_path = output_dir / "demo_samplers.png"
-    training.scatter_image(panels).save(figure_path)
+    scatter_image(panels, extent=training.TOY_PLOT_EXTENT).save(figure_path)
     print(f"wrote {figure_path}; the VE pipeline and its model card are in {output_dir}, the VP one in "
           f"{output_dir / 'vp'}")
 

@@ -30,10 +30,10 @@ DEMO_SCHEDULERS = {
 }
 
 
-def sample(scheduler, model, num_samples, num_inference_steps, generator):
-    """The plain diffusers loop."""
+def sample(scheduler, model, shape, num_inference_steps, generator):
+    """The plain diffusers loop, on the CPU."""
     scheduler.set_timesteps(num_inference_steps)
-    x = torch.randn(num_samples, 2, generator=generator) * scheduler.init_noise_sigma
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
     return x
@@ -51,6 +51,15 @@ def scatter_panel(points, title, size=320, extent=1.6):
     return panel
 
 
+def scatter_image(panels, extent=1.6):
+    """Side-by-side scatter panels of ``(points, title)`` pairs, as one PIL image."""
+    images = [scatter_panel(points, title, extent=extent) for points, title in panels]
+    figure = Image.new("RGB", (sum(image.width for image in images), images[0].height), "white")
+    for i, image in enumerate(images):
+        figure.paste(image, (i * image.width, 0))
+    return figure
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo.png", help="where to write the PNG")
@@ -60,19 +69,17 @@ def main(argv=None):
 
     mixture = GaussianMixture.ring()
     generator = torch.Generator().manual_seed(args.seed)
-    panels = [scatter_panel(mixture.sample(args.num_samples, generator), "true samples")]
+    panels = [(mixture.sample(args.num_samples, generator), "true samples")]
     print(f"{'scheduler':<26} {'NFE':>5} {'mode TV':>8} {'var err':>8} {'seconds':>8}")
     for name, (scheduler, steps) in DEMO_SCHEDULERS.items():
         start = time.perf_counter()
-        points = sample(scheduler, exact_score_model(mixture, scheduler), args.num_samples, steps, generator)
+        points = sample(scheduler, exact_score_model(mixture, scheduler), (args.num_samples, 2), steps, generator)
         report = mixture.report(points)
         seconds = time.perf_counter() - start
         print(f"{name:<26} {len(scheduler.timesteps):>5} {report['tv']:>8.3f} {report['variance_error']:>8.3f} {seconds:>8.1f}")
-        panels.append(scatter_panel(points, f"{name}, NFE {len(scheduler.timesteps)}"))
+        panels.append((points, f"{name}, NFE {len(scheduler.timesteps)}"))
 
-    grid = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, panel in enumerate(panels):
-        grid.paste(panel, (i * panel.width, 0))
+    grid = scatter_image(panels)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out}")

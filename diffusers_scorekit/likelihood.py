@@ -129,8 +129,13 @@ def _solve(dynamics: Callable, state, t_start: float, t_end: float, rtol, atol, 
     return end_state, counted.calls
 
 
-def _flow(score_fn: ScoreFunction, x: torch.Tensor, t_start: float, t_end: float, rtol, atol, method) -> FlowOutput:
-    """Carry ``x`` along the probability-flow ODE from ``t_start`` to ``t_end``."""
+def _flow(score_fn: ScoreFunction, x: torch.Tensor, name: str, towards_prior: bool, rtol, atol, method,
+          sampling_eps) -> FlowOutput:
+    """Carry ``x`` along the probability-flow ODE between ``sampling_eps`` and 1, in either direction."""
+    _check_batch(name, x)
+    _check_solver(rtol, atol, method)
+    eps = _resolve_sampling_eps(score_fn.sde, sampling_eps)
+    t_start, t_end = (eps, 1.0) if towards_prior else (1.0, eps)
     model_dtype = x.dtype
 
     def dynamics(t, state):
@@ -150,10 +155,7 @@ def encode(
     sampling_eps: Optional[float] = None,
 ) -> FlowOutput:
     """Data ``x`` (taken as a sample at ``t = sampling_eps``) to its latent at ``t = 1``; ``decode`` inverts it."""
-    _check_batch("x", x)
-    _check_solver(rtol, atol, method)
-    eps = _resolve_sampling_eps(score_fn.sde, sampling_eps)
-    return _flow(score_fn, x, eps, 1.0, rtol, atol, method)
+    return _flow(score_fn, x, "x", True, rtol, atol, method, sampling_eps)
 
 
 def decode(
@@ -166,10 +168,7 @@ def decode(
     sampling_eps: Optional[float] = None,
 ) -> FlowOutput:
     """A latent at ``t = 1`` to data at ``t = sampling_eps`` (no denoising step, so ``decode(encode(x)) ~ x``)."""
-    _check_batch("latent", latent)
-    _check_solver(rtol, atol, method)
-    eps = _resolve_sampling_eps(score_fn.sde, sampling_eps)
-    return _flow(score_fn, latent, 1.0, eps, rtol, atol, method)
+    return _flow(score_fn, latent, "latent", False, rtol, atol, method, sampling_eps)
 
 
 def ode_sample(

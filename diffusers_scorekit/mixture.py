@@ -97,16 +97,24 @@ class GaussianMixture:
         return terms
 
 
+def marginal_at_timestep(sde, timestep, timestep_type, num_train_timesteps=1000):
+    """``(a, sigma)`` as Python floats at the time a model's ``timestep`` denotes (its first entry: samplers give
+    the whole batch one time), for exact "models" that answer in closed form."""
+    from .parametrization import t_from_timestep
+
+    first = torch.as_tensor(timestep).reshape(-1)[:1].cpu()
+    t = t_from_timestep(first, sde, timestep_type, num_train_timesteps)
+    a, sigma = sde.marginal(t)
+    return a.item(), sigma.item()
+
+
 def exact_score_model(mixture, scheduler):
     """A model for the plain diffusers loop: maps the timestep the scheduler gives to t, then outputs the
     mixture's exact answer in the scheduler's prediction_type."""
-    from .parametrization import t_from_timestep
-
     config = scheduler.config
 
     def model(x, timestep):
-        t = t_from_timestep(timestep, scheduler.sde, config.timestep_type, config.get("num_train_timesteps", 1000))
-        a, sigma = (value.item() for value in scheduler.sde.marginal(t.reshape(-1)[:1]))
+        a, sigma = marginal_at_timestep(scheduler.sde, timestep, config.timestep_type, config.get("num_train_timesteps", 1000))
         return mixture.model_output(x, a, sigma, config.prediction_type)
 
     return model

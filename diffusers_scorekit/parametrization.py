@@ -56,6 +56,12 @@ def epsilon_and_sample(model_output, sample, a, sigma, prediction_type: str) -> 
     check_prediction_type(prediction_type)
 
 
+def model_output_from_epsilon(epsilon, sample, a, sigma, prediction_type: str) -> torch.Tensor:
+    """Inverse of ``epsilon_and_sample``: the output of a ``prediction_type`` network that implies ``epsilon`` at
+    ``x_t = sample`` (used to hand a modified estimate, e.g. a guided one, back to a scheduler)."""
+    return model_target((sample - sigma * epsilon) / a, epsilon, a, sigma, prediction_type)
+
+
 def score_from_epsilon(epsilon, sigma):
     return -epsilon / sigma
 

@@ -9,7 +9,13 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .parametrization import check_prediction_type, check_timestep_type, epsilon_and_sample, timestep_from_t
+from .parametrization import (
+    check_prediction_type,
+    check_timestep_type,
+    epsilon_and_sample,
+    score_from_epsilon,
+    timestep_from_t,
+)
 from .sde import SDE, TimeLike, as_time, broadcast_like
 
 
@@ -76,4 +82,4 @@ class ScoreFunction:
         """``grad_x log p_t(x)`` estimated by the model."""
         epsilon, _ = self.epsilon_and_sample(x, t, **model_kwargs)
         sigma = self.sde.sigma(self._per_sample_time(x, t))
-        return -epsilon / broadcast_like(sigma, x)
+        return score_from_epsilon(epsilon, broadcast_like(sigma, x))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .demo import scatter_image
 from .likelihood import dequantize_and_scale, log_likelihood
 from .losses import denoising_score_matching_loss, sliced_score_matching_loss
 from .mixture import GaussianMixture
@@ -60,6 +61,7 @@ SAMPLERS = ("pc", "ode", "em", "ald")
 LICENSE_DEFAULT = "apache-2.0"
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+TOY_PLOT_EXTENT = 3.0  # standardised toy data lies within +-3 of the origin
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -691,17 +693,6 @@ def knn_coverage(real: torch.Tensor, generated: torch.Tensor, k: int = NEIGHBOUR
     return {"coverage": inside.any(1).double().mean().item(), "precision": inside.any(0).double().mean().item()}
 
 
-def scatter_image(panels: List[Tuple[torch.Tensor, str]], extent: float = 3.0):
-    """Side-by-side scatter plots of 2-D point sets (PIL)."""
-    from .demo import scatter_panel
-
-    images = [scatter_panel(points, title, extent=extent) for points, title in panels]
-    figure = Image.new("RGB", (sum(image.width for image in images), images[0].height), "white")
-    for i, image in enumerate(images):
-        figure.paste(image, (i * image.width, 0))
-    return figure
-
-
 def image_grid(images: List[Image.Image]) -> Image.Image:
     from diffusers.utils import make_image_grid
 
@@ -734,7 +725,7 @@ def sample_pipeline(pipe: ScoreSDEPipeline, num_samples: int, num_inference_step
 def sample_figure(samples, data: TrainingData, title: str) -> Image.Image:
     if data.is_image:
         return image_grid(samples)
-    return scatter_image([(data.held_out, "held-out data"), (samples, title)])
+    return scatter_image([(data.held_out, "held-out data"), (samples, title)], extent=TOY_PLOT_EXTENT)
 
 
 def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples) -> Dict[str, str]:

@@ -2,16 +2,13 @@
 
 import torch
 
-from diffusers_scorekit.mixture import GaussianMixture, exact_score_model  # noqa: F401
+from diffusers_scorekit.demo import sample
+from diffusers_scorekit.mixture import GaussianMixture, exact_score_model, marginal_at_timestep  # noqa: F401
+
 
 def run_loop(scheduler, model, shape, num_inference_steps, seed=0):
-    """The plain diffusers sampling loop."""
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(num_inference_steps)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
-    return x
+    """The plain diffusers sampling loop, seeded."""
+    return sample(scheduler, model, shape, num_inference_steps, torch.Generator().manual_seed(seed))
 
 
 class OracleModel:
@@ -34,11 +31,8 @@ class OracleModel:
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def _marginal(self, timestep):
-        from diffusers_scorekit.parametrization import t_from_timestep
-
         config = self.scheduler.config
-        t = t_from_timestep(torch.as_tensor(timestep).reshape(-1)[:1], self.scheduler.sde, config.timestep_type, config.num_train_timesteps)
-        return (value.item() for value in self.scheduler.sde.marginal(t))
+        return marginal_at_timestep(self.scheduler.sde, timestep, config.timestep_type, config.num_train_timesteps)
 
     def __call__(self, x, timestep, class_labels=None):
         from types import SimpleNamespace

@@ -18,8 +18,8 @@ from diffusers_scorekit.likelihood import (
     log_likelihood,
     ode_sample,
 )
-from diffusers_scorekit.mixture import GaussianMixture
-from diffusers_scorekit.parametrization import PREDICTION_TYPES, t_from_timestep
+from diffusers_scorekit.mixture import GaussianMixture, marginal_at_timestep
+from diffusers_scorekit.parametrization import PREDICTION_TYPES
 from diffusers_scorekit.score_function import ScoreFunction
 from diffusers_scorekit.sde import VESDE, VPSDE, SubVPSDE, default_sampling_eps
 
@@ -42,8 +42,7 @@ class CountingOracle:
 
     def __call__(self, x, timestep):
         self.calls += 1
-        t = t_from_timestep(timestep.reshape(-1)[:1], self.sde, self.timestep_type, 1000)
-        a, sigma = (value.item() for value in self.sde.marginal(t))
+        a, sigma = marginal_at_timestep(self.sde, timestep, self.timestep_type)
         return self.mixture.model_output(x, a, sigma, self.prediction_type)
 
 

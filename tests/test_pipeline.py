@@ -244,10 +244,9 @@ class CorrelatedGaussianModel:
     def __call__(self, x, timestep):
         from types import SimpleNamespace
 
-        from diffusers_scorekit.parametrization import t_from_timestep
+        from diffusers_scorekit.mixture import marginal_at_timestep
 
-        t = t_from_timestep(timestep.reshape(-1)[:1], self.scheduler.sde, "discrete", 1000)
-        a, sigma = (v.item() for v in self.scheduler.sde.marginal(t))
+        a, sigma = marginal_at_timestep(self.scheduler.sde, timestep, "discrete")
         covariance = a**2 * self.covariance + sigma**2 * torch.eye(2, dtype=torch.float64)
         score = -x.double() @ torch.linalg.inv(covariance)
         return SimpleNamespace(sample=(-sigma * score).float())

@@ -303,3 +303,10 @@ def test_nonfinite_on_an_accelerator_is_reported_after_the_loop():
     for t in scheduler.timesteps:
         x = scheduler.step(torch.empty_like(x), t, x).prev_sample
     assert len(scheduler._nonfinite_flags) == 3
+    # what the device would have flagged: finite, non-finite, finite -> the report names the second step
+    scheduler.set_timesteps(3)
+    scheduler._nonfinite_flags = [torch.tensor(False), torch.tensor(True), torch.tensor(False)]
+    with pytest.raises(ValueError, match=r"step 1 of 3 .*sigma=.*NaN or Inf"):
+        scheduler.raise_if_nonfinite()
+    scheduler._nonfinite_flags = [torch.tensor(False)] * 3
+    scheduler.raise_if_nonfinite()

@@ -7,7 +7,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_scorekit.parametrization import epsilon_and_sample, model_target, t_from_timestep, timestep_from_t
+from diffusers_scorekit.parametrization import (
+    epsilon_and_sample,
+    model_output_from_epsilon,
+    model_target,
+    t_from_timestep,
+    timestep_from_t,
+)
 from diffusers_scorekit.sde import VESDE, VPSDE, SubVPSDE, build_sde
 
 TIMES = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
@@ -99,6 +105,7 @@ def test_conversions_recover_noise_and_sample(prediction_type, a, sigma):
     output = model_target(x0, noise, a, sigma, prediction_type)
     epsilon, sample = epsilon_and_sample(output, x, a, sigma, prediction_type)
     assert torch.allclose(epsilon, noise) and torch.allclose(sample, x0)
+    assert torch.allclose(model_output_from_epsilon(noise, x, a, sigma, prediction_type), output)
 
 
 def test_v_prediction_is_diffusers_velocity_on_vp():

@@ -13,7 +13,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import likelihood as flows
-from ..parametrization import epsilon_and_sample, model_target
+from ..parametrization import epsilon_and_sample, model_output_from_epsilon
 from ..score_function import ScoreFunction
 from ..schedulers import PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, ScoreSchedulerMixin
 
@@ -168,10 +168,9 @@ class ScoreSDEPipeline(DiffusionPipeline):
             selected = log_probs[torch.arange(x.shape[0], device=x.device), class_labels].sum()
             gradient = torch.autograd.grad(selected, x_in)[0]
         epsilon, _ = epsilon_and_sample(output, x, level.a, level.sigma, prediction_type)
-        score = -epsilon / level.sigma + classifier_scale * gradient
-        epsilon = -level.sigma * score
-        sample_0 = (x + level.sigma**2 * score) / level.a
-        return model_target(sample_0, epsilon, level.a, level.sigma, prediction_type)
+        # adding s * grad to the score subtracts sigma * s * grad from epsilon = -sigma * score
+        guided_epsilon = epsilon - level.sigma * classifier_scale * gradient
+        return model_output_from_epsilon(guided_epsilon, x, level.a, level.sigma, prediction_type)
 
     # --- the loop ------------------------------------------------------------------------------------------
 
