@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVeScheduler, UNet2DModel
 
 from diffusers_scorekit import (
@@ -94,6 +95,60 @@ def test_step_makes_no_data_dependent_host_call(case):
     for t in scheduler.timesteps:
         x = scheduler.step(torch.empty_like(x), t, x).prev_sample
     assert x.device.type == "meta"
+
+
+class CountKernels(TorchDispatchMode):
+    """Counts the aten operations that launch work (views and indexing launch none)."""
+
+    VIEWS = {"view", "select", "slice", "as_strided", "expand", "unsqueeze", "squeeze", "reshape", "alias", "detach",
+             "_unsafe_view", "t", "transpose", "permute"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_is_a_handful_of_kernels(case):
+    """Update rules are planned into one multiply-add per input in set_timesteps (linear_combination): on an
+    accelerator a step is the non-finite sum, two kernels of x_0, the noise and three of the update; a Heun
+    correction reads four inputs and draws no noise. Only score_sde's Langevin corrector, whose step size is a
+    batch statistic, computes on tensors."""
+    scheduler, steps, _ = case
+    scheduler.set_timesteps(steps, device="meta")
+    x = torch.empty(8, 3, 4, 4, device="meta")
+    model_output = torch.empty_like(x)
+    for index, t in enumerate(scheduler.timesteps):
+        with CountKernels() as counter:
+            x = scheduler.step(model_output, t, x).prev_sample
+        is_snr_langevin = scheduler._stages[index].kind == "correct" and scheduler.corrector == "langevin"
+        budget = (24 if is_snr_langevin else 7) + (index == 0)  # the first step allocates the sums' buffer
+        assert counter.count <= budget, (index, scheduler._stages[index], counter.count)
+
+
+def test_whole_loop_compiles_to_one_graph_with_identical_output(case):
+    """The plain loop has no host sync and no graph break, so torch.compile(fullgraph=True) captures it whole
+    (what CUDA graphs and mode="reduce-overhead" need); aot_eager runs the functionalised graph that inductor
+    would compile. Noise comes from the global generator: torch.Generator arguments do not trace."""
+    scheduler, steps, _ = case
+    torch._dynamo.reset()  # each case is a new graph of the same function: start the recompile count afresh
+
+    def loop(x):
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.3 * x + 1e-3 * t, t, x).prev_sample  # a stand-in model
+        return x
+
+    initial = torch.randn(16, 2)
+    samples = []
+    for run in (loop, torch.compile(loop, fullgraph=True, backend="aot_eager")):
+        scheduler.set_timesteps(steps)
+        torch.manual_seed(0)
+        samples.append(run(initial))
+    torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=0)
 
 
 def test_save_load_round_trip(case, tmp_path):
@@ -298,15 +353,74 @@ def test_bad_calls():
 def test_nonfinite_on_an_accelerator_is_reported_after_the_loop():
     scheduler = VEEulerMaruyamaScheduler()
     scheduler.set_timesteps(3, device="meta")
-    # meta tensors stand in for a device whose values cannot be read without a sync; flags are kept instead
+    # meta tensors stand in for a device whose values cannot be read without a sync: sums are kept instead
     x = torch.empty(2, 2, device="meta")
     for t in scheduler.timesteps:
         x = scheduler.step(torch.empty_like(x), t, x).prev_sample
-    assert len(scheduler._nonfinite_flags) == 3
-    # what the device would have flagged: finite, non-finite, finite -> the report names the second step
+    assert scheduler._output_sums.device.type == "meta" and scheduler._output_sums.shape == (3,)
+    # what the device would have summed: finite, NaN, finite -> the report names the second step
     scheduler.set_timesteps(3)
-    scheduler._nonfinite_flags = [torch.tensor(False), torch.tensor(True), torch.tensor(False)]
+    scheduler._step_index = 3
+    scheduler._output_sums = torch.tensor([1.0, math.nan, -2.0], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"step 1 of 3 .*sigma=.*NaN or Inf"):
         scheduler.raise_if_nonfinite()
+    scheduler._output_sums = torch.tensor([1.0, 3e38, -2.0], dtype=torch.float64)
+    scheduler.raise_if_nonfinite()
+
+
+def test_huge_but_finite_outputs_are_not_reported_and_inf_is():
+    scheduler = VEEulerMaruyamaScheduler()
+    scheduler.set_timesteps(2)
+    x = torch.zeros(64, 8)
+    # float32 entries near their maximum: a float32 sum would overflow, the float64 one does not
+    scheduler.step(torch.full_like(x, 3e38), scheduler.timesteps[0], x)
+    huge_with_inf = torch.full_like(x, 3e38)
+    huge_with_inf[3, 5] = -math.inf
+    with pytest.raises(ValueError, match="step 1 of 2"):
+        scheduler.step(huge_with_inf, scheduler.timesteps[1], x)
     scheduler._nonfinite_flags = [torch.tensor(False)] * 3
     scheduler.raise_if_nonfinite()
+
+
+def _loop_from(scheduler, model, x, begin_index, record_at=None):
+    """Step from entry ``begin_index`` to the end; also return the sample at entry ``record_at``."""
+    recorded = None
+    for index in range(begin_index, len(scheduler.timesteps)):
+        if index == record_at:
+            recorded = x.clone()
+        t = scheduler.timesteps[index]
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x, recorded
+
+
+def test_set_begin_index_resumes_a_deterministic_loop():
+    scheduler = ProbabilityFlowODEScheduler(solver="euler")
+    model = exact_score_model(RING, scheduler)
+    scheduler.set_timesteps(12)
+    full, at_six = _loop_from(scheduler, model, torch.randn(64, 2), 0, record_at=6)
+    scheduler.set_timesteps(12)
+    scheduler.set_begin_index(6)
+    resumed, _ = _loop_from(scheduler, model, at_six, 6)
+    torch.testing.assert_close(resumed, full, rtol=0, atol=0)  # memoryless: the same steps from the same state
+
+
+def test_dpm_solver_begun_mid_grid_takes_a_first_order_step():
+    """With no previous x_0 the extrapolation has nothing to extrapolate from: the step is DDIM's (Euler's)."""
+    schedulers = [ProbabilityFlowODEScheduler(solver=solver) for solver in ("dpm_solver_2m", "euler")]
+    x = torch.randn(64, 2)
+    first_steps = []
+    for scheduler in schedulers:
+        scheduler.set_timesteps(12)
+        scheduler.set_begin_index(6)
+        t = scheduler.timesteps[6]
+        first_steps.append(scheduler.step(exact_score_model(RING, scheduler)(x, t), t, x).prev_sample)
+    torch.testing.assert_close(first_steps[0], first_steps[1], rtol=1e-5, atol=1e-6)
+
+
+def test_set_begin_index_inside_a_heun_step_is_refused():
+    scheduler = ProbabilityFlowODEScheduler(solver="heun")
+    scheduler.set_timesteps(5)
+    scheduler.set_begin_index(1)  # the second call of the first step
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="'start_sample' from the previous entry.*set_begin_index"):
+        scheduler.step(x, scheduler.timesteps[1], x)

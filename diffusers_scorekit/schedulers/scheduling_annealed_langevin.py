@@ -64,9 +64,9 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
             stages.append(Stage("denoise", num_levels - 1))
         return stages
 
-    def _update(self, stage, x, epsilon, sample_0, generator):
+    def _update(self, stage, x, epsilon, sample_0, noise):
         if stage.kind == "denoise":
             return sample_0
         sigma = self._levels[stage.level].sigma
         step_size = self.config.step_lr * (sigma / self._levels[-1].sigma) ** 2
-        return langevin(x, score_from_epsilon(epsilon, sigma), step_size, self._noise(x, generator))
+        return langevin(x, score_from_epsilon(epsilon, sigma), step_size, noise)

@@ -5,6 +5,8 @@ from typing import List, Optional, Sequence
 
 from diffusers.configuration_utils import register_to_config
 
+from ..parametrization import epsilon_and_sample
+from .linear_combination import LinearCombination
 from .scheduling_utils import ScoreSchedulerMixin, Stage, _fail
 from .sde_updates import probability_flow_data_step, probability_flow_euler
 
@@ -73,13 +75,6 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
             _fail("solver", solver, f"choose one of {SOLVERS}")
         self.order = 2 if solver == "heun" else 1
         self._setup()
-        self._heun_start = None
-        self._previous_sample_0 = None
-
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        super().set_timesteps(num_inference_steps, device)
-        self._heun_start = None
-        self._previous_sample_0 = None
 
     def _make_stages(self, num_levels: int) -> List[Stage]:
         stages = []
@@ -92,23 +87,37 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
             stages.append(Stage("denoise", num_levels - 1))
         return stages
 
+    def _keeps(self, stage):
+        if stage.kind == "dpm_solver_2m":
+            return {"previous_sample_0": "sample_0"}
+        if stage.kind == "heun_predict":
+            return {"start_sample": "sample", "start_model_output": "model_output"}
+        return {}
+
+    def _stand_in(self, name):
+        # with no previous x_0 (the first step taken) DPM-Solver++ 2M is its first-order step: the
+        # extrapolation from x_0 to itself is x_0
+        return "sample_0" if name == "previous_sample_0" else None
+
     def _euler(self, x, epsilon, level_index):
         hi, lo = self._levels[level_index], self._levels[level_index + 1]
         return probability_flow_euler(x, epsilon, hi.a, hi.noise_ratio, lo.a, lo.noise_ratio)
 
+    def _log_snr_step(self, level_index):
+        """``h``: the step from level ``level_index`` to the next, in log-SNR."""
+        return math.log(self._levels[level_index].noise_ratio / self._levels[level_index + 1].noise_ratio)
+
     def _dpm_solver_2m(self, x, sample_0, level_index):
         hi, lo = self._levels[level_index], self._levels[level_index + 1]
-        step = math.log(hi.noise_ratio / lo.noise_ratio)  # h: the step in log-SNR
         estimate = sample_0
-        if self._previous_sample_0 is not None:
-            previous_sample_0, previous_step = self._previous_sample_0
-            half_inverse_ratio = 0.5 * step / previous_step
-            # x_0 extrapolated linearly in log-SNR to the middle of the step
+        if level_index > 0:
+            half_inverse_ratio = 0.5 * self._log_snr_step(level_index) / self._log_snr_step(level_index - 1)
+            # x_0 extrapolated linearly in log-SNR to the middle of the step from the previous step's x_0
+            previous_sample_0 = LinearCombination.symbol("previous_sample_0")
             estimate = (1 + half_inverse_ratio) * sample_0 - half_inverse_ratio * previous_sample_0
-        self._previous_sample_0 = (sample_0, step)
         return probability_flow_data_step(x, estimate, hi.sigma, hi.noise_ratio, lo.a, lo.sigma, lo.noise_ratio)
 
-    def _update(self, stage, x, epsilon, sample_0, generator):
+    def _update(self, stage, x, epsilon, sample_0, noise):
         if stage.kind == "denoise":
             return sample_0
         if stage.kind == "euler":
@@ -116,9 +125,11 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         if stage.kind == "dpm_solver_2m":
             return self._dpm_solver_2m(x, sample_0, stage.level)
         if stage.kind == "heun_predict":
-            self._heun_start = (x, epsilon)
             return self._euler(x, epsilon, stage.level)
         # heun_correct: redo the step from its start with the average of both slopes
-        x_start, epsilon_start = self._heun_start
-        self._heun_start = None
+        start = self._levels[stage.level - 1]
+        x_start = LinearCombination.symbol("start_sample")
+        epsilon_start, _ = epsilon_and_sample(
+            LinearCombination.symbol("start_model_output"), x_start, start.a, start.sigma, self.config.prediction_type
+        )
         return self._euler(x_start, 0.5 * (epsilon_start + epsilon), stage.level - 1)

@@ -10,7 +10,7 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from ..parametrization import (
     timestep_from_t,
 )
 from ..sde import SDE, SDE_TYPES, as_time, broadcast_like, build_sde, default_sampling_eps
+from .linear_combination import LinearCombination
 from .sde_updates import ancestral, euler_maruyama, langevin, reverse_diffusion, snr_step_size, transition
 
 
@@ -67,6 +68,36 @@ class Stage(NamedTuple):
 
     kind: str
     level: int
+
+
+class StepPlan(NamedTuple):
+    """What ``step`` computes at one stage, worked out in ``set_timesteps`` (see ``linear_combination``).
+
+    ``prev_sample`` maps the stage's tensors (``sample``, ``model_output``, ``sample_0``, ``noise`` and any kept
+    from earlier stages) to the next sample; ``keeps`` names the tensors later stages read, as
+    ``{name later stages use: name at this stage}``.
+    """
+
+    prev_sample: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+    pred_original_sample: LinearCombination
+    keeps: Mapping[str, str]
+
+
+class SnrLangevinStep(NamedTuple):
+    """score_sde's Langevin corrector, whose step size depends on the batch's score norm: the one update that is
+    not a fixed linear combination, so it is evaluated on tensors (see ``snr_step_size``)."""
+
+    score: LinearCombination
+    snr: float
+    alpha: float
+
+    @property
+    def inputs(self) -> Tuple[str, ...]:
+        return self.score.inputs + ("noise",)
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        score, noise = self.score(tensors), tensors["noise"]
+        return langevin(tensors["sample"], score, snr_step_size(score, noise, self.snr, self.alpha), noise)
 
 
 TIME_SPACINGS = ("uniform", "log_snr", "edm")
@@ -255,8 +286,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         self.timesteps = None
         self._levels: Optional[List[Level]] = None
         self._stages: Optional[List[Stage]] = None
+        self._plans: Optional[List[StepPlan]] = None
         self._step_index: Optional[int] = None
-        self._nonfinite_flags: List[torch.Tensor] = []
+        self._kept: Dict[str, torch.Tensor] = {}
+        self._output_sums: Optional[torch.Tensor] = None
 
     # --- configuration -------------------------------------------------------------------------------------
 
@@ -344,12 +377,32 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                 "with denoise_final=False this scheduler needs at least 2 levels to take a step",
             )
         self._stages = stages
+        self._plans = [self._plan(stage) for stage in stages]
         self.timesteps = torch.tensor(
             [self._levels[stage.level].timestep for stage in stages], dtype=torch.float32, device=device
         )
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
-        self._nonfinite_flags = []
+        self._kept = {}
+        # one float64 sum of each model output, read only by raise_if_nonfinite: an accelerator never waits
+        self._output_sums = None
+
+    def _plan(self, stage: Stage) -> StepPlan:
+        """Run the stage's update rule on symbols: its coefficients, once, in float64."""
+        level = self._levels[stage.level]
+        sample, model_output = LinearCombination.symbol("sample"), LinearCombination.symbol("model_output")
+        epsilon, sample_0 = epsilon_and_sample(model_output, sample, level.a, level.sigma, self.config.prediction_type)
+        prev_sample = self._update(stage, sample, epsilon, sample_0, LinearCombination.symbol("noise"))
+        return StepPlan(prev_sample, sample_0, self._keeps(stage))
+
+    def _keeps(self, stage: Stage) -> Mapping[str, str]:
+        """Tensors of this stage that later stages read (multistep solvers override this)."""
+        return {}
+
+    def _stand_in(self, name: str) -> Optional[str]:
+        """The tensor of the current stage to use for kept tensor ``name`` when no earlier stage provided it
+        (after ``set_begin_index``); ``None`` if there is none."""
+        return None
 
     @property
     def step_index(self) -> Optional[int]:
@@ -363,6 +416,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         if not 0 <= begin_index < len(self._stages):
             _fail("begin_index", begin_index, f"it must lie in [0, {len(self._stages)})")
         self._step_index = begin_index
+        self._kept = {}
 
     def level_of(self, step_index: int) -> Level:
         """The noise level of entry ``step_index`` of ``timesteps`` (for reports and guidance)."""
@@ -383,7 +437,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                 f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}; "
                 "the model must return one value per sample entry."
             )
-        if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() > 0:
+        if torch.compiler.is_compiling():
+            # a compiled loop passes the right entries by construction, and reading one would break the graph
+            timestep = None
+        elif isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() > 0:
             timestep = timestep.flatten()[0].item()
         if isinstance(timestep, (int, float, np.number)):
             # compared in float32, the precision of ``timesteps``
@@ -393,15 +450,21 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                     f"step was called with timestep={timestep} but entry {index} of scheduler.timesteps is "
                     f"{expected}; call step once per entry of timesteps, in order."
                 )
-        # NaN propagates through min/max and Inf is the min or the max: one cheap reduction, no mask tensor
-        low, high = torch.aminmax(model_output)
-        finite = torch.isfinite(low) & torch.isfinite(high)
-        if model_output.device.type == "cpu":
-            if not finite:
+        self._record_output_sum(model_output, index)
+
+    def _record_output_sum(self, model_output: torch.Tensor, index: int):
+        """Sum ``model_output`` in float64 (finite exactly when every entry is, since float32 values cannot
+        overflow it) into this step's slot; on the CPU check it at once, elsewhere leave it for
+        ``raise_if_nonfinite`` so the step never waits for the device."""
+        if self._output_sums is None or self._output_sums.device != model_output.device:
+            # MPS has no float64: there a float32 sum may overflow and flag an enormous but finite output
+            dtype = torch.float32 if model_output.device.type == "mps" else torch.float64
+            self._output_sums = torch.zeros(len(self._stages), dtype=dtype, device=model_output.device)
+        output_sum = self._output_sums[index]
+        torch.sum(model_output, dim=tuple(range(model_output.ndim)), dtype=output_sum.dtype, out=output_sum)
+        if model_output.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not torch.isfinite(output_sum):
                 self._raise_nonfinite(index)
-        else:
-            # on an accelerator, checking now would wait for the device; keep a flag for raise_if_nonfinite
-            self._nonfinite_flags.append(~finite)
 
     def _raise_nonfinite(self, index: int):
         level = self.level_of(index)
@@ -412,10 +475,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def raise_if_nonfinite(self):
         """Raise the non-finite-output error for the first bad step on an accelerator (one device sync)."""
-        if self._nonfinite_flags:
-            flags = torch.stack(self._nonfinite_flags).cpu()
-            if flags.any():
-                self._raise_nonfinite(int(flags.nonzero()[0, 0]))
+        if self._output_sums is not None:
+            nonfinite = ~torch.isfinite(self._output_sums[: self._step_index].cpu())
+            if nonfinite.any():
+                self._raise_nonfinite(int(nonfinite.nonzero()[0, 0]))
 
     def step(
         self,
@@ -444,48 +507,62 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                 f"all {len(self._stages)} entries of timesteps have been stepped; call set_timesteps again."
             )
         self._check_inputs(model_output, timestep, sample, index)
-        stage = self._stages[index]
-        level = self._levels[stage.level]
+        plan = self._plans[index]
         sample_dtype = sample.dtype
         # low-precision samples accumulate rounding over hundreds of steps: update in float32
         x = sample.float() if sample_dtype in (torch.float16, torch.bfloat16) else sample
-        epsilon, sample_0 = epsilon_and_sample(
-            model_output.to(x.dtype), x, level.a, level.sigma, self.config.prediction_type
-        )
-        prev_sample = self._update(stage, x, epsilon, sample_0, generator)
+        tensors = {"sample": x, "model_output": model_output.to(x.dtype), **self._kept}
+        sample_0 = tensors["sample_0"] = plan.pred_original_sample(tensors)
+        if plan.prev_sample is plan.pred_original_sample:  # the denoising step
+            prev_sample = sample_0
+        else:
+            needed = plan.prev_sample.inputs
+            if "noise" in needed:
+                tensors["noise"] = self._noise(x, generator)
+            for name in needed:
+                if name not in tensors:
+                    self._stand_in_for(name, tensors, index)
+            prev_sample = plan.prev_sample(tensors)
+        self._kept = {name: tensors[source] for name, source in plan.keeps.items()}
         self._step_index += 1
         prev_sample, sample_0 = prev_sample.to(sample_dtype), sample_0.to(sample_dtype)
         if not return_dict:
             return (prev_sample, sample_0)
         return ScoreSchedulerOutput(prev_sample=prev_sample, pred_original_sample=sample_0)
 
-    def _update(self, stage: Stage, x, epsilon, sample_0, generator) -> torch.Tensor:
-        """Predictor-corrector updates; ALD and the ODE override this."""
+    def _stand_in_for(self, name: str, tensors: Dict[str, torch.Tensor], index: int):
+        source = self._stand_in(name)
+        if source is None:
+            raise ValueError(
+                f"entry {index} of timesteps needs {name!r} from the previous entry, which was not stepped; "
+                "begin (set_begin_index) at an entry that starts a step."
+            )
+        tensors[name] = tensors[source]
+
+    def _update(self, stage: Stage, x, epsilon, sample_0, noise):
+        """The update rule of ``stage``, on ``LinearCombination`` symbols (predictor-corrector; ALD and the ODE
+        override this)."""
         if stage.kind == "denoise":
             return sample_0
         if stage.kind == "predict":
-            return self._predict(self.predictor, stage.level, x, epsilon, sample_0, generator)
-        return self._correct(stage.level, x, epsilon, generator)
+            return self._predict(self.predictor, stage.level, x, epsilon, sample_0, noise)
+        return self._correct(stage.level, x, epsilon, noise)
 
-    def _correct(self, level_index: int, x, epsilon, generator) -> torch.Tensor:
+    def _correct(self, level_index: int, x, epsilon, noise):
         """A Langevin corrector step at level ``level_index`` with score_sde's signal-to-noise rule."""
         level = self._levels[level_index]
         score = score_from_epsilon(epsilon, level.sigma)
-        noise = self._noise(x, generator)
         # score_sde scales VP steps by the one-training-step alpha = 1 - beta / N; exp(2 f / N) is that for
         # every SDE (1 on VE, where f = 0)
         alpha = math.exp(2 * level.drift_coefficient / self.config.num_train_timesteps)
         if self.corrector == "langevin":
-            step_size = snr_step_size(score, noise, self.config.snr, alpha)
-        else:
-            step_size = 2 * alpha * (self.config.snr * level.sigma) ** 2
-        return langevin(x, score, step_size, noise)
+            return SnrLangevinStep(score, self.config.snr, alpha)
+        return langevin(x, score, 2 * alpha * (self.config.snr * level.sigma) ** 2, noise)
 
-    def _predict(self, predictor: str, level_index: int, x, epsilon, sample_0, generator) -> torch.Tensor:
+    def _predict(self, predictor: str, level_index: int, x, epsilon, sample_0, noise):
         """A reverse-SDE predictor step from level ``level_index`` to the next one."""
         hi, lo = self._levels[level_index], self._levels[level_index + 1]
         score = score_from_epsilon(epsilon, hi.sigma)
-        noise = self._noise(x, generator)
         if predictor == "euler_maruyama":
             return euler_maruyama(x, score, hi.drift_coefficient, hi.diffusion_squared, lo.t - hi.t, noise)
         forward_scale, forward_variance = transition(hi.a, hi.sigma, lo.a, lo.sigma)

@@ -5,8 +5,9 @@ cleaner level ``lo``. Between two levels every linear SDE has the Gaussian trans
 
     x_hi = A x_lo + sqrt(B) z,    A = a_hi / a_lo,    B = sigma_hi^2 - A^2 sigma_lo^2,
 
-which is what the discretised ("reverse diffusion", "ancestral") rules use. ``noise`` is ``None`` on a step that
-must not add noise. Coefficients are Python floats or tensors broadcastable against ``x``.
+which is what the discretised ("reverse diffusion", "ancestral") rules use. Coefficients are Python floats;
+``x``, ``score``, ``noise``, ... are tensors or, as the schedulers call them once per stage, ``LinearCombination``
+symbols (see ``linear_combination``): nothing here but linear arithmetic on them.
 """
 
 import torch
@@ -18,21 +19,17 @@ def transition(a_hi: float, sigma_hi: float, a_lo: float, sigma_lo: float):
     return forward_scale, sigma_hi**2 - forward_scale**2 * sigma_lo**2
 
 
-def _add_noise(x_mean, std, noise):
-    return x_mean if noise is None else x_mean + std * noise
-
-
 def euler_maruyama(x, score, drift_coefficient, diffusion_squared, dt, noise):
     """Reverse-time SDE ``dx = [f x - g^2 score] dt + g dw`` with ``dt < 0`` (Song et al. 2021, eq. 6)."""
     x_mean = x + (drift_coefficient * x - diffusion_squared * score) * dt
-    return _add_noise(x_mean, (diffusion_squared * -dt) ** 0.5, noise)
+    return x_mean + (diffusion_squared * -dt) ** 0.5 * noise
 
 
 def reverse_diffusion(x, score, forward_scale, forward_variance, noise):
     """score_sde's reverse-diffusion predictor: the discretised forward step ``f = (A - 1) x, G^2 = B``
     run backwards, ``x - f + G^2 score``. On VE it is exactly diffusers' ``ScoreSdeVeScheduler.step_pred``."""
     x_mean = (2 - forward_scale) * x + forward_variance * score
-    return _add_noise(x_mean, forward_variance**0.5, noise)
+    return x_mean + forward_variance**0.5 * noise
 
 
 def ancestral(x, sample_0, forward_scale, forward_variance, a_lo, sigma_lo, sigma_hi, noise):
@@ -40,13 +37,13 @@ def ancestral(x, sample_0, forward_scale, forward_variance, a_lo, sigma_lo, sigm
     score_sde's ancestral sampling on VE)."""
     sigma_hi_squared = sigma_hi**2
     x_mean = (forward_scale * sigma_lo**2 / sigma_hi_squared) * x + (a_lo * forward_variance / sigma_hi_squared) * sample_0
-    return _add_noise(x_mean, sigma_lo * (forward_variance / sigma_hi_squared) ** 0.5, noise)
+    return x_mean + sigma_lo * (forward_variance / sigma_hi_squared) ** 0.5 * noise
 
 
 def langevin(x, score, step_size, noise):
     """One Langevin MCMC step ``x + step score + sqrt(2 step) z``: the update of NCSN's reference code
     (its paper writes the same step as ``alpha/2`` and ``sqrt(alpha)``)."""
-    return _add_noise(x + step_size * score, (2 * step_size) ** 0.5, noise)
+    return x + step_size * score + (2 * step_size) ** 0.5 * noise
 
 
 def snr_step_size(score, noise, snr, alpha):
@@ -69,7 +66,6 @@ def probability_flow_euler(x, epsilon, a_hi, noise_ratio_hi, a_lo, noise_ratio_l
     these variables (Karras et al. 2022), so Euler there integrates the linear part exactly: it is DDIM on VP.
     """
     return a_lo * (x / a_hi + (noise_ratio_lo - noise_ratio_hi) * epsilon)
-
 
 
 def probability_flow_data_step(x, sample_0, sigma_hi, noise_ratio_hi, a_lo, sigma_lo, noise_ratio_lo):
