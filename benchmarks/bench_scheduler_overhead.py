@@ -5,16 +5,20 @@ corrector, the two calls ScoreSdeVePipeline makes per level) on a batch of 128 x
 CUDA when present. Prints a table (with each scheduler's ratio to diffusers' Euler, timed in the same run) and
 writes JSON.
 
+On CUDA each scorekit loop is also captured whole by ``torch.compile(mode="reduce-overhead", fullgraph=True)``
+(CUDA graphs; the random draws fall back to eager's generator so the outputs compare): the "captured" column is
+its time per step, and "same output" whether it reproduced the eager loop.
+
     PYTHONPATH=. python benchmarks/bench_scheduler_overhead.py [--batch_size 128] [--steps 50] [--out ...]
 """
 
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
+from common import run_header, synchronize
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
 
 from diffusers_scorekit import (
@@ -48,11 +52,6 @@ def diffusers_schedulers():
     }
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_plain_loop(scheduler, sample, model_output, steps, device, generator):
     """Microseconds per ``scale_model_input`` + ``step`` over one full plain-loop pass of ``steps`` levels (after a warm-up pass)."""
     for _ in range(2):
@@ -66,6 +65,34 @@ def time_plain_loop(scheduler, sample, model_output, steps, device, generator):
         synchronize(device)
         elapsed = time.perf_counter() - start
     return elapsed / len(scheduler.timesteps) * 1e6
+
+
+def time_captured_loop(scheduler, sample, model_output, steps, device):
+    """``(microseconds per step, same output as eager)`` for the whole loop under CUDA graphs."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+
+    def loop(x):
+        for t in scheduler.timesteps:
+            x = scheduler.step(model_output, t, x).prev_sample
+        return x
+
+    def run(fn):
+        scheduler.set_timesteps(steps, device=device)
+        torch.manual_seed(0)
+        synchronize(device)
+        start = time.perf_counter()
+        x = fn(sample)
+        synchronize(device)
+        return x.clone(), time.perf_counter() - start
+
+    expected, _ = run(loop)
+    captured = torch.compile(loop, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # compile, record the graph, first replay
+        run(captured)
+    x, elapsed = run(captured)
+    return elapsed / len(scheduler.timesteps) * 1e6, bool(torch.equal(x, expected))
 
 
 def time_score_sde_ve(sample, model_output, steps, device, generator):
@@ -99,25 +126,31 @@ def main():
         shape = (args.batch_size, 3, 32, 32)
         sample = torch.randn(shape, generator=generator, device=device)
         model_output = 0.1 * torch.randn(shape, generator=generator, device=device)
-        timings = {}
+        timings, captured = {}, {}
         for name, scheduler in {**scorekit_schedulers(), **diffusers_schedulers()}.items():
             timings[name] = time_plain_loop(scheduler, sample, model_output, args.steps, device, generator)
+            if device.type == "cuda" and name.startswith("scorekit"):
+                captured[name] = time_captured_loop(scheduler, sample, model_output, args.steps, device)
         timings["diffusers ScoreSdeVe (pred + corr)"] = time_score_sde_ve(sample, model_output, args.steps, device, generator)
         reference = timings["diffusers Euler"]
         for name, microseconds in timings.items():
+            captured_us, same_output = captured.get(name, (None, None))
             rows.append({"device": device.type, "scheduler": name, "us_per_step": microseconds,
-                         "ratio_to_diffusers_euler": microseconds / reference})
+                         "ratio_to_diffusers_euler": microseconds / reference,
+                         "captured_us_per_step": captured_us, "captured_same_output": same_output})
 
     print(f"batch {args.batch_size} x 3 x 32 x 32, float32, {args.steps} levels per loop")
-    print("| device | scheduler | µs / step | ratio to diffusers Euler |")
-    print("| --- | --- | --- | --- |")
+    print("| device | scheduler | µs / step | ratio to diffusers Euler | captured µs / step | same output |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['device']} | {row['scheduler']} | {row['us_per_step']:.0f} | {row['ratio_to_diffusers_euler']:.2f} |")
+        captured_us = "-" if row["captured_us_per_step"] is None else f"{row['captured_us_per_step']:.1f}"
+        same = "-" if row["captured_same_output"] is None else ("yes" if row["captured_same_output"] else "NO")
+        print(f"| {row['device']} | {row['scheduler']} | {row['us_per_step']:.0f} | "
+              f"{row['ratio_to_diffusers_euler']:.2f} | {captured_us} | {same} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                   "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                   "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, f, indent=1)
+        json.dump({**run_header(devices[-1]), "batch_size": args.batch_size, "steps": args.steps, "rows": rows},
+                  f, indent=1)
     print(f"wrote {args.out}")
 
 

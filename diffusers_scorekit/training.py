@@ -12,11 +12,17 @@ difference in how data is fed: the dataset is held in memory and the order of th
 from a generator seeded with ``(seed, process, step, micro-batch)``. Nothing random is carried from one step to the
 next, so a run killed at any point and resumed from its last checkpoint ends with exactly the weights of an
 uninterrupted run: the checkpoint only has to hold the model, optimizer, learning-rate schedule and EMA.
+
+Throughput: the speed switches (``--channels_last``, ``--allow_tf32``, ``--fused_optimizer``, ``--torch_compile``)
+are each on, off, or left to ``--speed auto``, which turns on CUDA what helps there. The loop never waits for the
+device between logging intervals: batches and the loss's random draws are made on the host and copied through
+pinned memory without blocking, and the loss is summed on the device and read every ``--logging_steps``.
+``benchmarks/bench_training_step.py`` measures each switch. ``--time_budget_minutes`` ends a run early by
+wall-clock time, for comparisons at a fixed compute budget.
 """
 
 import argparse
 import contextlib
-import gzip
 import importlib.util
 import inspect
 import json
@@ -25,7 +31,7 @@ import math
 import os
 import shutil
 import signal
-import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -36,7 +42,15 @@ from PIL import Image, UnidentifiedImageError
 
 from .demo import scatter_image
 from .likelihood import dequantize_and_scale, log_likelihood
-from .losses import denoising_score_matching_loss, sliced_score_matching_loss
+from .losses import denoising_score_matching_loss, sample_time, sliced_score_matching_loss
+from .metrics import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    NEIGHBOURHOOD_SIZE,
+    knn_coverage,
+    read_fashion_mnist,
+)
 from .mixture import GaussianMixture
 from .models import NCSNScoreModel, ScoreMLP
 from .parametrization import PREDICTION_TYPES, TIMESTEP_TYPES
@@ -58,17 +72,12 @@ DATASETS = TOY_DATASETS + ("fashion_mnist",)
 MODELS = ("scorekit_mlp", "ncsn", "unet2d")
 LOSSES = ("dsm", "ssm")
 SAMPLERS = ("pc", "ode", "em", "ald")
+SPEED_MODES = ("auto", "none")
+# the speed switches --speed decides when they are not given; resolve_speed turns each into a bool
+SPEED_SWITCHES = ("channels_last", "allow_tf32", "fused_optimizer", "torch_compile")
 LICENSE_DEFAULT = "apache-2.0"
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 TOY_PLOT_EXTENT = 3.0  # standardised toy data lies within +-3 of the origin
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -79,9 +88,6 @@ SAMPLE_IMAGE_NAME = "samples.png"
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "score_sde_model_card.md"
 # fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step
 KILL_AT_STEP_ENV = "SCOREKIT_KILL_AT_STEP"
-
-# k of the k-nearest-neighbour radius in the coverage / precision metrics
-NEIGHBOURHOOD_SIZE = 5
 
 # UNet2DModel layouts per resolution: every resolution level but the last halves the size
 UNET2D_PRESETS = {
@@ -106,7 +112,8 @@ UNET2D_PRESETS = {
 # --- arguments -----------------------------------------------------------------------------------------------
 
 
-def _int_tuple(text: str) -> Tuple[int, ...]:
+def int_tuple(text: str) -> Tuple[int, ...]:
+    """An argparse type: "32,64,64" -> (32, 64, 64)."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", choices=MODELS, default=None, help="default: scorekit_mlp for toys, ncsn for images")
     model.add_argument("--hidden_dim", type=int, default=128, help="ScoreMLP width")
     model.add_argument("--num_layers", type=int, default=3, help="ScoreMLP residual blocks")
-    model.add_argument("--block_out_channels", type=_int_tuple, default=None,
+    model.add_argument("--block_out_channels", type=int_tuple, default=None,
                        help="channels per level of ncsn / unet2d (default: the model's or the unet2d preset's)")
     model.add_argument("--layers_per_block", type=int, default=None)
     model.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
@@ -166,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=128, help="per process")
-    optim.add_argument("--max_train_steps", type=int, default=10000, help="optimizer updates")
+    optim.add_argument("--max_train_steps", type=int, default=10000,
+                       help="optimizer updates; the learning-rate schedule always spans this many")
+    optim.add_argument("--time_budget_minutes", type=float, default=None,
+                       help="also stop once the training loop has run this long (wall clock, compilation and "
+                            "checkpoints included, checked every --logging_steps), then save a checkpoint and the "
+                            "pipeline as at the last step. The schedule still spans --max_train_steps: set that "
+                            "near the steps the budget allows for a decaying schedule to finish")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 for toys, 2e-4 for images")
     optim.add_argument("--lr_scheduler", default="constant_with_warmup",
@@ -183,10 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: accelerate's configuration")
     optim.add_argument("--seed", type=int, default=0)
 
+    speed = parser.add_argument_group(
+        "speed", "each switch is on (--X), off (--no-X) or, unset, decided by --speed; the log says what was used")
+    speed.add_argument("--speed", choices=SPEED_MODES, default="auto",
+                       help="auto: on CUDA, turn on every unset switch (channels_last and torch_compile for image "
+                            "models only); on other devices, none. none: unset switches stay off")
+    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="model and batches in channels-last memory format (NHWC), which tensor-core "
+                            "convolutions prefer; image models only")
+    speed.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=None,
+                       help="TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere or newer; "
+                            "no effect elsewhere); under bf16/fp16 autocast it covers what stays in float32")
+    speed.add_argument("--fused_optimizer", action=argparse.BooleanOptionalAction, default=None,
+                       help="AdamW as one fused kernel (foreach kernels where the device has no fused AdamW) and "
+                            "the EMA update as foreach kernels, instead of loops over the parameters")
+    speed.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model's training forward (the first steps compile); checkpoints, "
+                            "EMA and the saved pipeline use the uncompiled model, so their weights keep their names")
+
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="score-sde-model")
     run.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     run.add_argument("--report_to", default=None, help="an accelerate tracker; default tensorboard if installed")
+    run.add_argument("--logging_steps", type=int, default=10,
+                     help="log the mean loss (and check --time_budget_minutes) every N steps; in between, the "
+                          "loop never waits for the device, checkpoints and previews aside")
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=None)
     run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
@@ -259,9 +293,16 @@ def resolve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}.")
     if not 0 <= args.label_dropout < 1:
         raise ValueError(f"--label_dropout must lie in [0, 1), got {args.label_dropout}.")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
+        raise ValueError(f"--time_budget_minutes must be > 0 (or left out for no budget), "
+                         f"got {args.time_budget_minutes}.")
+    if args.channels_last and is_toy:
+        raise ValueError("--channels_last is a memory format of image batches (n, c, h, w); the 2-D toys have "
+                         "none: drop it or use --no-channels_last.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/score-sde-moons).")
     if args.report_to is None:
@@ -349,34 +390,14 @@ def load_toy(args) -> TrainingData:
     )
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped or not."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zeros, dtype_code, ndim = data[0:2], data[2], data[3]
-    if zeros != b"\x00\x00" or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_fashion_mnist(args) -> TrainingData:
     splits = {}
-    for split, names in FASHION_MNIST_FILES.items():
-        paths = [os.path.join(args.fashion_mnist_dir, name) for name in names]
-        missing = [path for path in paths if not os.path.isfile(path)]
-        if missing:
-            raise FileNotFoundError(
-                f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
-                "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --fashion_mnist_dir."
-            )
-        images, labels = (torch.from_numpy(read_idx(path).copy()) for path in paths)
-        images = images[:, None]
+    for split in FASHION_MNIST_FILES:
+        images, labels = read_fashion_mnist(split, args.fashion_mnist_dir)
         if args.resolution == 32:
             # background is 0 (black): pad with it, as for the usual 32-px LeNet/DDPM setups
             images = torch.nn.functional.pad(images, (2, 2, 2, 2))
-        splits[split] = (images, labels.long())
+        splits[split] = (images, labels)
     return TrainingData(
         examples=splits["train"][0],
         labels=splits["train"][1],
@@ -502,23 +523,40 @@ def build_model(args, data: TrainingData):
             prediction_type=args.prediction_type, timestep_type=args.timestep_type,
             num_class_embeds=args.num_classes, **{k: v for k, v in options.items() if v is not None},
         )
+    return build_unet2d(args.resolution, channels, block_out_channels=args.block_out_channels,
+                        layers_per_block=args.layers_per_block, fourier_time=args.sde == "ve",
+                        num_classes=args.num_classes)
+
+
+def build_unet2d(resolution: int, channels: int, *, block_out_channels: Optional[Tuple[int, ...]] = None,
+                 layers_per_block: Optional[int] = None, fourier_time: bool = False,
+                 num_classes: Optional[int] = None):
+    """The ``UNet2DModel`` of ``UNET2D_PRESETS[resolution]`` (channels per level replaceable, 2 layers per block
+    by default), with positional time embeddings (DDPM's) or Fourier ones (NCSN++'s, for the VE SDE). Shared with
+    ``benchmarks/train_ddpm_baseline.py`` so that the DDPM baseline trains exactly this network."""
     from diffusers import UNet2DModel
 
-    preset = dict(UNET2D_PRESETS[args.resolution])
-    if args.block_out_channels is not None:
-        if len(args.block_out_channels) != len(preset["block_out_channels"]):
-            raise ValueError(f"--block_out_channels for unet2d at {args.resolution} px needs "
-                             f"{len(preset['block_out_channels'])} entries, got {args.block_out_channels}.")
-        preset["block_out_channels"] = args.block_out_channels
+    preset = dict(UNET2D_PRESETS[resolution])
+    if block_out_channels is not None:
+        if len(block_out_channels) != len(preset["block_out_channels"]):
+            raise ValueError(f"--block_out_channels for unet2d at {resolution} px needs "
+                             f"{len(preset['block_out_channels'])} entries, got {block_out_channels}.")
+        preset["block_out_channels"] = tuple(block_out_channels)
     return UNet2DModel(
-        sample_size=args.resolution, in_channels=channels, out_channels=channels,
-        layers_per_block=args.layers_per_block or 2,
+        sample_size=resolution, in_channels=channels, out_channels=channels,
+        layers_per_block=layers_per_block or 2,
         norm_num_groups=math.gcd(32, *preset["block_out_channels"]),
-        time_embedding_type="fourier" if args.sde == "ve" else "positional",
+        time_embedding_type="fourier" if fourier_time else "positional",
         # diffusers' convention for classifier-free guidance: the null label is the last embedding
-        num_class_embeds=None if args.num_classes is None else args.num_classes + 1,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
         **preset,
     )
+
+
+def training_sde(args):
+    """The forward SDE of ``--sde`` with the run's parameters."""
+    return build_sde(args.sde, sigma_min=args.sigma_min, sigma_max=args.sigma_max, beta_min=args.beta_min,
+                     beta_max=args.beta_max, num_train_timesteps=args.num_train_timesteps)
 
 
 def sde_config(args) -> dict:
@@ -557,7 +595,7 @@ def run_config(args, model, data: TrainingData) -> dict:
             "resolution", "center_crop", "random_flip", "num_classes",
             "label_dropout", "loss", "time_sampling", "weighting", "importance_sampling", "num_projections",
             "sampling_eps", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-            "lr_warmup_steps", "max_grad_norm", "use_ema", "ema_decay", "seed")},
+            "lr_warmup_steps", "max_grad_norm", "use_ema", "ema_decay", "seed") + SPEED_SWITCHES},
     }))
 
 
@@ -679,20 +717,6 @@ def save_checkpoint(accelerator, args, step: int, config: dict) -> None:
 # --- evaluation and images -----------------------------------------------------------------------------------
 
 
-def knn_coverage(real: torch.Tensor, generated: torch.Tensor, k: int = NEIGHBOURHOOD_SIZE) -> Dict[str, float]:
-    """Coverage and precision of ``generated`` against held-out ``real`` points (Naeem et al., 2020).
-
-    Each real point gets a ball whose radius is the distance to its k-th nearest real neighbour.
-    *coverage* (a recall): the fraction of real points whose ball holds at least one generated point;
-    *precision*: the fraction of generated points inside at least one ball. Both are 1 for a perfect sampler
-    up to sampling noise; a collapsed mode lowers coverage, samples off the data lower precision.
-    """
-    real, generated = real.double().flatten(1), generated.double().flatten(1)
-    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # k + 1: the nearest is the point itself
-    inside = torch.cdist(real, generated) <= radius[:, None]
-    return {"coverage": inside.any(1).double().mean().item(), "precision": inside.any(0).double().mean().item()}
-
-
 def image_grid(images: List[Image.Image]) -> Image.Image:
     from diffusers.utils import make_image_grid
 
@@ -768,7 +792,18 @@ def likelihood_metric(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: 
 # --- model card and Hub --------------------------------------------------------------------------------------
 
 
-def write_model_card(args, pipe: ScoreSDEPipeline, data: TrainingData, metrics: Dict[str, str]) -> None:
+def training_length(result: Dict[str, object]) -> str:
+    """``TimeBudget.report``'s record as a line of the model card."""
+    length = f"{result['steps']} of {result['max_train_steps']} steps, {result['training_minutes']} min"
+    if result["time_budget_minutes"] is None:
+        return length
+    if result["stopped_by"] == "time_budget_minutes":
+        return f"{length}: stopped by the {result['time_budget_minutes']:g}-min time budget"
+    return f"{length} (time budget {result['time_budget_minutes']:g} min, not reached)"
+
+
+def write_model_card(args, pipe: ScoreSDEPipeline, data: TrainingData, metrics: Dict[str, str],
+                     steps: int) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
     if not MODEL_CARD_TEMPLATE.is_file():
@@ -806,7 +841,7 @@ def write_model_card(args, pipe: ScoreSDEPipeline, data: TrainingData, metrics: 
         null_label=args.num_classes,
         training_config=training_config,
         model_config={k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")},
-        max_train_steps=args.max_train_steps,
+        max_train_steps=steps,
         scheduler_class=type(scheduler).__name__,
         scheduler_config={k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         num_inference_steps=args.num_inference_steps,
@@ -843,20 +878,119 @@ def push_to_hub(args) -> str:
 # --- training ------------------------------------------------------------------------------------------------
 
 
+def resolve_speed(args, device: torch.device) -> None:
+    """Turn every unset speed switch into a bool for a run on ``device`` (``--speed auto``: all on for CUDA, but
+    channels_last and torch_compile only for image models; none elsewhere) and apply the process-wide one, TF32.
+
+    With the switch off, float32 matmuls keep PyTorch's default full precision; cuDNN convolutions use TF32 by
+    PyTorch's default either way, so on means TF32 matmuls (and, explicitly, cuDNN)."""
+    image_model = args.model != "scorekit_mlp"
+    auto = args.speed == "auto" and device.type == "cuda"
+    for name in SPEED_SWITCHES:
+        if getattr(args, name) is None:
+            setattr(args, name, auto and (image_model or name not in ("channels_last", "torch_compile")))
+    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    if args.allow_tf32:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_optimizer(args, parameters, device: torch.device) -> Tuple[torch.optim.AdamW, str]:
+    """AdamW with the run's hyper-parameters, on parameters already on ``device``, and the name of the
+    implementation for the log: with ``--fused_optimizer`` the fused kernel where ``device`` has one (else
+    foreach kernels), without it PyTorch's default (foreach on CUDA, a loop over the parameters on the CPU)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    implementation, name = {}, f"AdamW (PyTorch's default implementation on {device.type})"
+    if args.fused_optimizer:
+        if device.type in _get_fused_kernels_supported_devices():
+            implementation, name = {"fused": True}, "AdamW (fused)"
+        else:
+            implementation, name = {"foreach": True}, f"AdamW (foreach: no fused AdamW on {device.type})"
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **implementation)
+    return optimizer, name
+
+
+@dataclass
+class TrainingState:
+    """What one optimizer update works on (see ``prepare_training``)."""
+
+    model: torch.nn.Module  # as accelerate prepared it (DDP-wrapped with several processes); checkpointed
+    unwrapped: torch.nn.Module  # the plain model: the EMA, previews and the saved pipeline use it
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: Optional[object]  # diffusers' EMAModel with --use_ema
+    score_fn: ScoreFunction  # the training forward, compiled with --torch_compile
+
+
+def prepare_training(args, accelerator, model, sde) -> TrainingState:
+    """Put ``model`` on the device with the speed switches (already resolved by ``resolve_speed``), build its
+    optimizer, schedule and EMA, prepare them with ``accelerator`` and register everything an exact resume needs
+    (model, optimizer, schedule, EMA) for its checkpoints. The log says which switches are on.
+
+    ``torch.compile`` wraps only the forward the loss calls: accelerate checkpoints, the EMA and the saved
+    pipeline see the uncompiled module, so its state-dict keys never get compile's ``_orig_mod.`` prefix, and
+    sampling the pipeline does not recompile."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # on the device before the optimizer is built, so that the fused implementation is chosen for that device
+    model = model.to(accelerator.device)
+    optimizer, optimizer_name = build_optimizer(args, model.parameters(), accelerator.device)
+    # stepped once per optimizer update by us rather than prepared, so warm-up counts updates whatever the
+    # number of processes; saved with the checkpoint as a registered object
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay, foreach=args.fused_optimizer,
+                       model_cls=type(unwrapped), model_config=unwrapped.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    forward = torch.compile(model) if args.torch_compile else model
+    score_fn = ScoreFunction(forward, sde, args.prediction_type, args.timestep_type, args.num_train_timesteps)
+    logger.info("speed on %s: channels_last %s, TF32 %s, %s%s, torch.compile %s, %s", accelerator.device,
+                *("on" if getattr(args, name) else "off" for name in ("channels_last", "allow_tf32")), optimizer_name,
+                " and foreach EMA" if ema is not None and args.fused_optimizer else "",
+                "on" if args.torch_compile else "off", f"{accelerator.mixed_precision} mixed precision")
+    return TrainingState(model, unwrapped, optimizer, lr_scheduler, ema, score_fn)
+
+
+def to_device(tensor: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """A host tensor on ``device`` (channels-last if asked). To CUDA it goes through pinned memory without
+    blocking: a blocking copy waits for everything queued on the device, which would leave the device idle while
+    the host prepares each step."""
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def training_loss(args, score_fn: ScoreFunction, x0, class_labels, generator) -> torch.Tensor:
+    """The loss of one micro-batch. Denoising score matching gets its times and noise drawn here on the host
+    from ``generator``, as the loss would draw them itself, and copied with ``to_device`` (without waiting)."""
     if args.loss == "ssm":
         return sliced_score_matching_loss(score_fn, x0, num_projections=args.num_projections,
                                           sampling_eps=args.sampling_eps, generator=generator)
+    t = sample_time(score_fn, len(x0), time_sampling=args.time_sampling, sampling_eps=args.sampling_eps,
+                    importance_sampling=args.importance_sampling, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     return denoising_score_matching_loss(
         score_fn, x0, time_sampling=args.time_sampling, weighting=args.weighting,
-        importance_sampling=args.importance_sampling, sampling_eps=args.sampling_eps, generator=generator,
-        class_labels=class_labels,
+        importance_sampling=args.importance_sampling, sampling_eps=args.sampling_eps, class_labels=class_labels,
+        t=to_device(t, x0.device), noise=to_device(noise, x0.device, channels_last=bool(args.channels_last)),
     )
 
 
 def make_batch(args, data: TrainingData, indices, generator, device):
     """The micro-batch in model space, randomly flipped and with labels dropped to the null label, all drawn
-    from this micro-batch's ``generator``."""
+    from this micro-batch's ``generator``, on ``device`` (see ``to_device``)."""
     x0 = data.to_model_space(data.examples[indices])
     if args.random_flip and data.is_image:
         flip = torch.rand(len(indices), generator=generator) < 0.5
@@ -865,8 +999,64 @@ def make_batch(args, data: TrainingData, indices, generator, device):
     if args.num_classes is not None:
         labels = data.labels[indices].clone()
         labels[torch.rand(len(indices), generator=generator) < args.label_dropout] = args.num_classes
-        labels = labels.to(device)
-    return x0.to(device), labels
+        labels = to_device(labels, device)
+    return to_device(x0, device, channels_last=bool(args.channels_last)), labels
+
+
+def train_step(args, accelerator, state: TrainingState, data: TrainingData, order: "BatchOrder",
+               step: int) -> torch.Tensor:
+    """Optimizer update number ``step`` (from 0): its micro-batches with gradient accumulation, clipping, AdamW,
+    the learning-rate schedule and the EMA. Returns the sum of the micro-batch losses on the device, without
+    waiting for it."""
+    loss_sum = 0
+    for micro_batch in range(args.gradient_accumulation_steps):
+        generator = step_generator(args.seed, accelerator.process_index, step, micro_batch)
+        indices = order.indices(step * args.gradient_accumulation_steps + micro_batch)
+        x0, labels = make_batch(args, data, indices, generator, accelerator.device)
+        with accelerator.accumulate(state.model):
+            with accelerator.autocast():
+                loss = training_loss(args, state.score_fn, x0, labels, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
+            state.optimizer.step()
+            state.optimizer.zero_grad()
+        loss_sum = loss_sum + loss.detach()
+    if not accelerator.sync_gradients:
+        raise RuntimeError("gradients were not synchronised after a full accumulation: accelerate's step "
+                           "counter is out of line with this loop.")
+    state.lr_scheduler.step()
+    if state.ema is not None:
+        state.ema.step(state.unwrapped.parameters())
+    return loss_sum
+
+
+class TimeBudget:
+    """The wall-clock budget of a training loop, counted from construction (``minutes=None``: no budget).
+    ``exhausted`` is decided by the main process's clock and broadcast, so every process stops at the same step;
+    it waits for the device, so call it where the loop waits anyway (at logging)."""
+
+    def __init__(self, minutes: Optional[float], accelerator):
+        self.minutes, self.accelerator = minutes, accelerator
+        self.start = time.monotonic()
+
+    def elapsed_minutes(self) -> float:
+        return (time.monotonic() - self.start) / 60
+
+    def exhausted(self) -> bool:
+        if self.minutes is None:
+            return False
+        from accelerate.utils import broadcast
+
+        over = torch.tensor([float(self.elapsed_minutes() >= self.minutes)], device=self.accelerator.device)
+        return bool(broadcast(over, from_process=0).item())
+
+    def report(self, steps: int, max_train_steps: int, stopped: bool) -> Dict[str, object]:
+        """How long the run trained, for the run configuration and the model card: ``steps`` counts from the
+        start of the run, ``training_minutes`` from the start of this launch (a resumed run's last part)."""
+        return {"steps": steps, "max_train_steps": max_train_steps, "time_budget_minutes": self.minutes,
+                "training_minutes": round(self.elapsed_minutes(), 3),
+                "stopped_by": "time_budget_minutes" if stopped else "max_train_steps"}
 
 
 def export_pipeline(model, args, data: TrainingData, preview_step: Optional[int] = None) -> ScoreSDEPipeline:
@@ -885,8 +1075,6 @@ def main(args: argparse.Namespace) -> str:
     """Train, then save the pipeline and its model card to ``args.output_dir`` (returned)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     resolve_args(args)
@@ -899,6 +1087,7 @@ def main(args: argparse.Namespace) -> str:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    resolve_speed(args, accelerator.device)
     data = load_data(args)
     set_seed(args.seed)
     model = build_model(args, data)
@@ -909,24 +1098,7 @@ def main(args: argparse.Namespace) -> str:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    sde = build_sde(args.sde, sigma_min=args.sigma_min, sigma_max=args.sigma_max, beta_min=args.beta_min,
-                    beta_max=args.beta_max, num_train_timesteps=args.num_train_timesteps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    # stepped once per optimizer update by us rather than prepared, so warm-up counts updates whatever the
-    # number of processes; saved with the checkpoint as a registered object
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay, model_cls=type(unwrapped),
-                       model_config=unwrapped.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    score_fn = ScoreFunction(model, sde, args.prediction_type, args.timestep_type, args.num_train_timesteps)
+    state = prepare_training(args, accelerator, model, training_sde(args))
     order = BatchOrder(len(data.examples), args.train_batch_size, accelerator.num_processes,
                        accelerator.process_index, args.seed)
 
@@ -938,61 +1110,58 @@ def main(args: argparse.Namespace) -> str:
     if accelerator.is_main_process:
         accelerator.init_trackers("score_sde", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    logger.info("training %s (%.2fM parameters) on %s for %d steps, %d process(es), %d example(s) per update",
-                type(unwrapped).__name__, sum(p.numel() for p in unwrapped.parameters()) / 1e6, data.description,
-                args.max_train_steps, accelerator.num_processes,
+    logger.info("training %s (%.2fM parameters) on %s for %d steps%s, %d process(es), %d example(s) per update",
+                type(state.unwrapped).__name__, sum(p.numel() for p in state.unwrapped.parameters()) / 1e6,
+                data.description, args.max_train_steps,
+                "" if args.time_budget_minutes is None else f" or {args.time_budget_minutes:g} minutes",
+                accelerator.num_processes,
                 args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     kill_at_step = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    model.train()
-    while global_step < args.max_train_steps:
-        loss_sum = 0.0
-        for micro_batch in range(args.gradient_accumulation_steps):
-            generator = step_generator(args.seed, accelerator.process_index, global_step, micro_batch)
-            indices = order.indices(global_step * args.gradient_accumulation_steps + micro_batch)
-            x0, labels = make_batch(args, data, indices, generator, accelerator.device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = training_loss(args, score_fn, x0, labels, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach().item()
-        if not accelerator.sync_gradients:
-            raise RuntimeError("gradients were not synchronised after a full accumulation: accelerate's step "
-                               "counter is out of line with this loop.")
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unwrapped.parameters())
+    budget = TimeBudget(args.time_budget_minutes, accelerator)
+    out_of_time = False
+    # summed on the device and read only at logging, the one place the loop waits for the device
+    unlogged_loss, unlogged_steps = 0, 0
+    state.model.train()
+    while global_step < args.max_train_steps and not out_of_time:
+        unlogged_loss = unlogged_loss + train_step(args, accelerator, state, data, order, global_step)
+        unlogged_steps += 1
         global_step += 1
         progress.update(1)
-        logs = {"loss": loss_sum / args.gradient_accumulation_steps, "lr": lr_scheduler.get_last_lr()[0]}
-        if ema is not None:
-            logs["ema_decay"] = ema.cur_decay_value
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        accelerator.log(logs, step=global_step)
+        finished = global_step == args.max_train_steps
+        if global_step % args.logging_steps == 0 or finished:
+            logs = {"loss": unlogged_loss.item() / (unlogged_steps * args.gradient_accumulation_steps),
+                    "lr": state.lr_scheduler.get_last_lr()[0]}
+            if state.ema is not None:
+                logs["ema_decay"] = state.ema.cur_decay_value
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            unlogged_loss, unlogged_steps = 0, 0
+            out_of_time = not finished and budget.exhausted()
+            if out_of_time:
+                logger.info("time budget of %g minutes used up at step %d of %d", args.time_budget_minutes,
+                            global_step, args.max_train_steps)
 
-        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+        if out_of_time or (global_step % args.checkpointing_steps == 0 and not finished):
             save_checkpoint(accelerator, args, global_step, config)
         if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
-            with ema_weights(ema, unwrapped):
-                unwrapped.eval()
-                export_pipeline(unwrapped, args, data, preview_step=global_step)
-                unwrapped.train()
+            with ema_weights(state.ema, state.unwrapped):
+                state.unwrapped.eval()
+                export_pipeline(state.unwrapped, args, data, preview_step=global_step)
+                state.unwrapped.train()
         if global_step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
+    config["result"] = budget.report(global_step, args.max_train_steps, out_of_time)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(unwrapped.parameters())
-        unwrapped.eval()
-        save_final(unwrapped, args, data, config)
+        if state.ema is not None:
+            state.ema.copy_to(state.unwrapped.parameters())
+        state.unwrapped.eval()
+        save_final(state.unwrapped, args, data, config)
     accelerator.end_training()
     return args.output_dir
 
@@ -1012,17 +1181,18 @@ def ema_weights(ema, model):
 
 
 def save_final(model, args, data: TrainingData, config: dict) -> None:
-    """The pipeline (safetensors), its run configuration, a sample image and the model card; then the Hub."""
+    """The pipeline (safetensors), its run configuration (with how long it trained, ``config["result"]``), a
+    sample image and the model card; then the Hub."""
     pipe = export_pipeline(model, args, data)
     pipe.save_pretrained(args.output_dir)
     Path(args.output_dir, RUN_CONFIG_NAME).write_text(json.dumps(config, indent=2))
     samples = sample_pipeline(pipe, args.num_eval_samples, args.num_inference_steps, args.seed, data.is_image)
     sample_figure(samples, data, f"{type(pipe.scheduler).__name__}, {args.num_inference_steps} steps").save(
         os.path.join(args.output_dir, SAMPLE_IMAGE_NAME))
-    metrics = measure(pipe, args, data, samples)
+    metrics = {"training length": training_length(config["result"]), **measure(pipe, args, data, samples)}
     for name, value in metrics.items():
         logger.info("%s: %s", name, value)
-    write_model_card(args, pipe, data, metrics)
+    write_model_card(args, pipe, data, metrics, config["result"]["steps"])
     logger.info("saved the pipeline and its model card to %s", os.path.abspath(args.output_dir))
     if args.push_to_hub:
         logger.info("pushed to https://huggingface.co/%s", push_to_hub(args))

@@ -203,15 +203,6 @@ def test_push_to_hub_failure_says_where_the_files_are(tmp_path, monkeypatch):
         training.push_to_hub(args)
 
 
-def test_knn_coverage():
-    generator = torch.Generator().manual_seed(0)
-    real = torch.randn(500, 2, generator=generator)
-    good = training.knn_coverage(real, torch.randn(500, 2, generator=generator))
-    collapsed = training.knn_coverage(real, torch.zeros(500, 2))
-    assert good["coverage"] > 0.8 and good["precision"] > 0.8
-    assert collapsed["coverage"] < 0.05 and collapsed["precision"] == 1.0
-
-
 def test_cli_sample_writes_scatter_and_npy(toy_pipeline, tmp_path):
     png, npy = tmp_path / "points.png", tmp_path / "points.npy"
     cli.main(["sample", str(toy_pipeline), "--scheduler", "ProbabilityFlowODEScheduler",

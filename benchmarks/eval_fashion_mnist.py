@@ -1,0 +1,208 @@
+"""Fashion-MNIST sample quality vs NFE for every sampler, and test-set bits/dim (issue #6).
+
+Scores a scorekit pipeline folder (trained by ``training/train_score_sde.py``) and, optionally, a diffusers
+``DDPMPipeline`` folder (trained by ``benchmarks/train_ddpm_baseline.py``) with the shipped Fashion-MNIST
+classifier's features (``diffusers_scorekit.metrics``: Fréchet distance, improved precision / recall against the
+10,000 test images; this is *not* the Inception FID, see the README). Samplers:
+
+- scorekit model: PC (Euler-Maruyama predictor + Langevin corrector), Euler-Maruyama, probability-flow ODE Heun
+  (EDM spacing) and DPM-Solver++ 2M (log-SNR spacing) at each ``--nfe``, and the adaptive ODE (dopri5) at each
+  ``--adaptive_tolerance``, whose NFE is what the solver took;
+- DDPM model: diffusers' DDPM (1000 steps, and each ``--nfe``), DDIM and DPM-Solver multistep at each ``--nfe``,
+  and scorekit's DPM-Solver++ 2M on the same model (the drop-in swap).
+
+Also the test-set bits/dim of the scorekit model (8-bit, by the probability-flow ODE, ``--bpd_examples`` images,
+at the training resolution: padded 32 x 32 images are scored with their padding) and the same features scores of
+training images (the floor a perfect model would reach with this many samples). Writes JSON, a markdown table
+and a grid of the best sampler at NFE <= 50.
+
+    PYTHONPATH=. python benchmarks/eval_fashion_mnist.py --scorekit_pipeline outputs/fmnist-scorekit \\
+        --ddpm_pipeline outputs/fmnist-ddpm --nfe 10 20 50 100 --num_samples 10000 --device cuda
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils import make_image_grid
+
+from common import run_header
+from diffusers_scorekit import (
+    PredictorCorrectorScheduler,
+    ProbabilityFlowODEScheduler,
+    ScoreSDEPipeline,
+)
+from diffusers_scorekit.metrics import fashion_mnist_score, read_fashion_mnist
+
+DDPM_TRAINING_STEPS = 1000
+
+
+def scorekit_samplers(config):
+    """``{name: (scheduler, model calls per level)}`` for a scorekit model's scheduler config."""
+    return {
+        "scorekit PC (EM + Langevin)": (PredictorCorrectorScheduler.from_config(
+            config, predictor="euler_maruyama", corrector="langevin", time_spacing="uniform"), 2),
+        "scorekit Euler-Maruyama": (PredictorCorrectorScheduler.from_config(
+            config, predictor="euler_maruyama", corrector="none", time_spacing="uniform"), 1),
+        "scorekit ODE Heun": (ProbabilityFlowODEScheduler.from_config(config, solver="heun", time_spacing="edm"), 2),
+        "scorekit ODE DPM-Solver++ 2M": (ProbabilityFlowODEScheduler.from_config(
+            config, solver="dpm_solver_2m", time_spacing="log_snr"), 1),
+    }
+
+
+def ddpm_samplers(config):
+    return {
+        "diffusers DDPM": DDPMScheduler.from_config(config),
+        "diffusers DDIM": DDIMScheduler.from_config(config),
+        "diffusers DPM-Solver multistep": DPMSolverMultistepScheduler.from_config(config),
+        "scorekit ODE DPM-Solver++ 2M on the DDPM model": ProbabilityFlowODEScheduler.from_config(config),
+    }
+
+
+def levels_for_nfe(scheduler, nfe: int) -> int:
+    """The finest grid of at most ``nfe`` model calls."""
+    best = 1
+    for steps in range(1, nfe + 1):
+        scheduler.set_timesteps(steps)
+        if len(scheduler.timesteps) <= nfe:
+            best = steps
+    return best
+
+
+def draw(pipe, num_samples: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
+    """``num_samples`` images in [-1, 1], ``(n, 1, h, w)``, in batches (seeded per batch)."""
+    images = []
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        generator = torch.Generator(pipe.device).manual_seed(seed + start)
+        output = pipe(batch_size=count, generator=generator, **kwargs)
+        batch = output.images if hasattr(output, "images") else output.samples
+        batch = torch.as_tensor(np.asarray(batch)) if not torch.is_tensor(batch) else batch
+        if batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3):  # NHWC numpy from DDPMPipeline
+            batch = batch.permute(0, 3, 1, 2)
+        images.append(batch.float().cpu() * 2 - 1)
+    return torch.cat(images)
+
+
+def adaptive_draw(pipe, num_samples: int, batch_size: int, seed: int, tolerance: float):
+    images, nfes = [], []
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        generator = torch.Generator(pipe.device).manual_seed(seed + start)
+        output = pipe.sample_adaptive(count, rtol=tolerance, atol=tolerance, generator=generator, output_type="pt")
+        images.append(output.samples.float().cpu() * 2 - 1)
+        nfes.append(output.nfe)
+    return torch.cat(images), float(np.mean(nfes))
+
+
+def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int) -> float:
+    images, _ = read_fashion_mnist("test")
+    images = images[:num_examples]
+    pad = (pipe.sample_shape[-1] - images.shape[-1]) // 2
+    if pad:  # the training script pads with the background value 0
+        images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    bits = []
+    for index, batch in enumerate(images.split(batch_size)):
+        generator = torch.Generator(pipe.device).manual_seed(seed + index)
+        bits.append(pipe.log_likelihood(batch, generator=generator).bits_per_dim.cpu())
+    return torch.cat(bits).mean().item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorekit_pipeline", required=True, help="folder saved by training/train_score_sde.py")
+    parser.add_argument("--ddpm_pipeline", help="DDPMPipeline folder saved by benchmarks/train_ddpm_baseline.py")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--adaptive_tolerance", type=float, nargs="*", default=[1e-3, 1e-5])
+    parser.add_argument("--num_samples", type=int, default=10_000, help="per sampler; 10,000 = the test set's size")
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--bpd_examples", type=int, default=10_000, help="test images for bits/dim; 0 skips it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="benchmarks/results/fashion_mnist")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows, grids = [], {}
+
+    def score(model, sampler, nfe, images, seconds):
+        result = fashion_mnist_score(images, device=args.device)
+        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seconds": seconds, **result})
+        grids[(model, sampler, nfe)] = images[:64]
+        print(f"{model:8s} | {sampler:48s} | NFE {nfe:7.1f} | FD {result['frechet_distance']:9.3f} | "
+              f"precision {result['precision']:.3f} | recall {result['recall']:.3f} | {seconds:.0f} s", flush=True)
+
+    def timed_draw(fn):
+        start = time.perf_counter()
+        images = fn()
+        return images, time.perf_counter() - start
+
+    # the floor: real training images scored like generated ones
+    train_images, _ = read_fashion_mnist("train")
+    floor = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))]
+    score("data", "training images", 0, floor[: args.num_samples].float() / 127.5 - 1, 0.0)
+
+    pipe = ScoreSDEPipeline.from_pretrained(args.scorekit_pipeline).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for name, (scheduler, _) in scorekit_samplers(pipe.scheduler.config).items():
+        pipe.scheduler = scheduler
+        for nfe in args.nfe:
+            steps = levels_for_nfe(scheduler, nfe)
+            scheduler.set_timesteps(steps)
+            images, seconds = timed_draw(lambda: draw(pipe, args.num_samples, args.batch_size, args.seed,
+                                                      num_inference_steps=steps, output_type="pt"))
+            score("scorekit", name, len(scheduler.timesteps), images, seconds)
+    for tolerance in args.adaptive_tolerance:
+        (images, nfe), seconds = timed_draw(lambda: adaptive_draw(pipe, args.num_samples, args.batch_size, args.seed, tolerance))
+        score("scorekit", f"scorekit adaptive ODE (dopri5, tol {tolerance:g})", nfe, images, seconds)
+    bits_per_dim = None
+    if args.bpd_examples > 0:
+        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed)
+        print(f"scorekit test-set bits/dim ({args.bpd_examples} images, {pipe.sample_shape[-1]} px): {bits_per_dim:.3f}")
+
+    if args.ddpm_pipeline:
+        ddpm = DDPMPipeline.from_pretrained(args.ddpm_pipeline).to(device)
+        ddpm.set_progress_bar_config(disable=True)
+        config = ddpm.scheduler.config
+        for name, scheduler in ddpm_samplers(config).items():
+            budgets = args.nfe + ([DDPM_TRAINING_STEPS] if name == "diffusers DDPM" else [])
+            for nfe in budgets:
+                if isinstance(scheduler, ProbabilityFlowODEScheduler):
+                    # the scorekit scheduler in diffusers' own pipeline: DDPMPipeline calls step(output, t, x)
+                    ddpm.scheduler = scheduler
+                    steps = levels_for_nfe(scheduler, nfe)
+                else:
+                    ddpm.scheduler, steps = scheduler, nfe
+                images, seconds = timed_draw(lambda: draw(ddpm, args.num_samples, args.batch_size, args.seed,
+                                                          num_inference_steps=steps, output_type="np"))
+                ddpm.scheduler.set_timesteps(steps)
+                score("ddpm", name, len(ddpm.scheduler.timesteps), images, seconds)
+
+    best = min((row for row in rows if row["model"] == "scorekit" and row["nfe"] <= 50),
+               key=lambda row: row["frechet_distance"])
+    grid_images = ((grids[(best["model"], best["sampler"], best["nfe"])] + 1) * 127.5).round().clamp(0, 255)
+    pil_images = [ScoreSDEPipeline.numpy_to_pil(image.permute(1, 2, 0).numpy() / 255.0)[0] for image in grid_images]
+    grid_path = os.path.join(args.output_dir, "best_sampler_grid.png")
+    make_image_grid(pil_images, rows=8, cols=8).save(grid_path)
+
+    results = {**run_header(device), "num_samples": args.num_samples, "bits_per_dim": bits_per_dim,
+               "bpd_examples": args.bpd_examples, "best_at_nfe_50": best, "grid": grid_path, "rows": rows}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = ["| model | sampler | NFE | Fréchet distance | precision | recall | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {row['model']} | {row['sampler']} | {row['nfe']:.0f} | {row['frechet_distance']:.3f} | "
+              f"{row['precision']:.3f} | {row['recall']:.3f} | {row['seconds']:.0f} |" for row in rows]
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"best scorekit sampler at NFE <= 50: {best['sampler']} (NFE {best['nfe']:.0f}), grid: {grid_path}")
+
+
+if __name__ == "__main__":
+    main()
