@@ -8,7 +8,7 @@ classifier's features (``diffusers_scorekit.metrics``: Fréchet distance, improv
 - scorekit model: PC (Euler-Maruyama predictor + Langevin corrector), Euler-Maruyama, probability-flow ODE Heun
   (EDM spacing) and DPM-Solver++ 2M (log-SNR spacing) at each ``--nfe``, and the adaptive ODE (dopri5) at each
   ``--adaptive_tolerance``, whose NFE is what the solver took;
-- DDPM model: diffusers' DDPM (1000 steps, and each ``--nfe``), DDIM and DPM-Solver multistep at each ``--nfe``,
+- DDPM model: diffusers' DDPM (``--ddpm_reference_steps``, its 1000 training steps, and each ``--nfe``), DDIM and DPM-Solver multistep at each ``--nfe``,
   and scorekit's DPM-Solver++ 2M on the same model (the drop-in swap).
 
 Also the test-set bits/dim of the scorekit model (8-bit, by the probability-flow ODE, ``--bpd_examples`` images,
@@ -17,11 +17,12 @@ training images (the floor a perfect model would reach with this many samples). 
 and a grid of the best sampler at NFE <= 50.
 
     PYTHONPATH=. python benchmarks/eval_fashion_mnist.py --scorekit_pipeline outputs/fmnist-scorekit \\
-        --ddpm_pipeline outputs/fmnist-ddpm --nfe 10 20 50 100 --num_samples 10000 --device cuda
+        --ddpm_pipeline outputs/fmnist-ddpm --nfe 10 20 50 100 --num_samples 10000 --device cuda [--fashion_mnist_dir ...]
 """
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -36,10 +37,7 @@ from diffusers_scorekit import (
     ProbabilityFlowODEScheduler,
     ScoreSDEPipeline,
 )
-from diffusers_scorekit.metrics import fashion_mnist_score, read_fashion_mnist
-
-DDPM_TRAINING_STEPS = 1000
-
+from diffusers_scorekit.metrics import FASHION_MNIST_DIR, fashion_mnist_score, read_fashion_mnist
 
 def scorekit_samplers(config):
     """``{name: (scheduler, model calls per level)}`` for a scorekit model's scheduler config."""
@@ -99,8 +97,8 @@ def adaptive_draw(pipe, num_samples: int, batch_size: int, seed: int, tolerance:
     return torch.cat(images), float(np.mean(nfes))
 
 
-def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int) -> float:
-    images, _ = read_fashion_mnist("test")
+def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int, directory: str) -> float:
+    images, _ = read_fashion_mnist("test", directory)
     images = images[:num_examples]
     pad = (pipe.sample_shape[-1] - images.shape[-1]) // 2
     if pad:  # the training script pads with the background value 0
@@ -112,26 +110,29 @@ def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int) -> fl
     return torch.cat(bits).mean().item()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scorekit_pipeline", required=True, help="folder saved by training/train_score_sde.py")
     parser.add_argument("--ddpm_pipeline", help="DDPMPipeline folder saved by benchmarks/train_ddpm_baseline.py")
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--ddpm_reference_steps", type=int, default=1000,
+                        help="the DDPM sampler's own number of steps, the issue's reference point")
     parser.add_argument("--adaptive_tolerance", type=float, nargs="*", default=[1e-3, 1e-5])
     parser.add_argument("--num_samples", type=int, default=10_000, help="per sampler; 10,000 = the test set's size")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--bpd_examples", type=int, default=10_000, help="test images for bits/dim; 0 skips it")
+    parser.add_argument("--fashion_mnist_dir", default=FASHION_MNIST_DIR, help="folder of the four .gz files")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="benchmarks/results/fashion_mnist")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     rows, grids = [], {}
 
     def score(model, sampler, nfe, images, seconds):
-        result = fashion_mnist_score(images, device=args.device)
+        result = fashion_mnist_score(images, directory=args.fashion_mnist_dir, device=args.device)
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seconds": seconds, **result})
         grids[(model, sampler, nfe)] = images[:64]
         print(f"{model:8s} | {sampler:48s} | NFE {nfe:7.1f} | FD {result['frechet_distance']:9.3f} | "
@@ -143,7 +144,7 @@ def main():
         return images, time.perf_counter() - start
 
     # the floor: real training images scored like generated ones
-    train_images, _ = read_fashion_mnist("train")
+    train_images, _ = read_fashion_mnist("train", args.fashion_mnist_dir)
     floor = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))]
     score("data", "training images", 0, floor[: args.num_samples].float() / 127.5 - 1, 0.0)
 
@@ -162,7 +163,7 @@ def main():
         score("scorekit", f"scorekit adaptive ODE (dopri5, tol {tolerance:g})", nfe, images, seconds)
     bits_per_dim = None
     if args.bpd_examples > 0:
-        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed)
+        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed, args.fashion_mnist_dir)
         print(f"scorekit test-set bits/dim ({args.bpd_examples} images, {pipe.sample_shape[-1]} px): {bits_per_dim:.3f}")
 
     if args.ddpm_pipeline:
@@ -170,7 +171,7 @@ def main():
         ddpm.set_progress_bar_config(disable=True)
         config = ddpm.scheduler.config
         for name, scheduler in ddpm_samplers(config).items():
-            budgets = args.nfe + ([DDPM_TRAINING_STEPS] if name == "diffusers DDPM" else [])
+            budgets = args.nfe + ([args.ddpm_reference_steps] if name == "diffusers DDPM" else [])
             for nfe in budgets:
                 if isinstance(scheduler, ProbabilityFlowODEScheduler):
                     # the scorekit scheduler in diffusers' own pipeline: DDPMPipeline calls step(output, t, x)
@@ -185,10 +186,11 @@ def main():
 
     best = min((row for row in rows if row["model"] == "scorekit" and row["nfe"] <= 50),
                key=lambda row: row["frechet_distance"])
-    grid_images = ((grids[(best["model"], best["sampler"], best["nfe"])] + 1) * 127.5).round().clamp(0, 255)
-    pil_images = [ScoreSDEPipeline.numpy_to_pil(image.permute(1, 2, 0).numpy() / 255.0)[0] for image in grid_images]
+    grid_images = grids[(best["model"], best["sampler"], best["nfe"])]
+    side = math.isqrt(len(grid_images))  # 8 x 8 with the default sample counts
+    pil_images = ScoreSDEPipeline.numpy_to_pil(((grid_images[: side * side] + 1) / 2).permute(0, 2, 3, 1).numpy())
     grid_path = os.path.join(args.output_dir, "best_sampler_grid.png")
-    make_image_grid(pil_images, rows=8, cols=8).save(grid_path)
+    make_image_grid(pil_images, rows=side, cols=side).save(grid_path)
 
     results = {**run_header(device), "num_samples": args.num_samples, "bits_per_dim": bits_per_dim,
                "bpd_examples": args.bpd_examples, "best_at_nfe_50": best, "grid": grid_path, "rows": rows}
@@ -202,6 +204,7 @@ def main():
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"best scorekit sampler at NFE <= 50: {best['sampler']} (NFE {best['nfe']:.0f}), grid: {grid_path}")
+    return results
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -155,8 +155,8 @@ def _point_sets(real, generated) -> Tuple[torch.Tensor, torch.Tensor]:
     return real, generated
 
 
-def precision_recall(real_features, generated_features,
-                     k: int = PRECISION_RECALL_NEIGHBOURHOOD_SIZE) -> Dict[str, float]:
+def precision_recall(real_features, generated_features, k: int = PRECISION_RECALL_NEIGHBOURHOOD_SIZE,
+                     real_radii: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) of ``generated_features`` against
     ``real_features`` (both ``(num_points, num_features)``).
 
@@ -164,9 +164,13 @@ def precision_recall(real_features, generated_features,
     neighbour in the set. *precision*: the fraction of generated points inside the real support (are samples
     realistic?); *recall*: the fraction of real points inside the generated support (is all of the data
     produced?). Both are near 1 for two samples of one distribution, and fall to 0 for disjoint ones.
+    ``real_radii``: ``kth_neighbour_radius(real_features, k)`` when already known (the costly part for a large
+    reference set scored against many samplers).
     """
     real, generated = _point_sets(real_features, generated_features)
-    generated_in_real, _ = _ball_membership(real, kth_neighbour_radius(real, k), generated)
+    if real_radii is None:
+        real_radii = kth_neighbour_radius(real, k)
+    generated_in_real, _ = _ball_membership(real, real_radii, generated)
     real_in_generated, _ = _ball_membership(generated, kth_neighbour_radius(generated, k), real)
     return {"precision": generated_in_real.double().mean().item(), "recall": real_in_generated.double().mean().item()}
 
@@ -367,6 +371,11 @@ def _split_statistics(split: str, directory: str, device: str) -> Tuple[torch.Te
     return gaussian_statistics(_split_features(split, directory, device))
 
 
+@functools.lru_cache(maxsize=None)
+def _split_radii(split: str, directory: str, device: str, k: int) -> torch.Tensor:
+    return kth_neighbour_radius(_feature_matrix(_split_features(split, directory, device), "real"), k)
+
+
 def fashion_mnist_score(generated_images: ImageBatch, reference: Union[str, ImageBatch] = "test",
                         k: int = PRECISION_RECALL_NEIGHBOURHOOD_SIZE, batch_size: int = 500,
                         directory: str = FASHION_MNIST_DIR, device=None) -> Dict[str, float]:
@@ -390,12 +399,13 @@ def fashion_mnist_score(generated_images: ImageBatch, reference: Union[str, Imag
             raise ValueError(f"reference must be one of {tuple(FASHION_MNIST_FILES)} or images, got {reference!r}.")
         real = _split_features(reference, directory, device)
         real_statistics = _split_statistics(reference, directory, device)
+        real_radii = _split_radii(reference, directory, device, k)
     else:
         real = fashion_mnist_features(reference, batch_size, device)
-        real_statistics = gaussian_statistics(real)
+        real_statistics, real_radii = gaussian_statistics(real), None
     return {
         "frechet_distance": frechet_distance_from_statistics(*gaussian_statistics(generated), *real_statistics),
-        **precision_recall(real, generated, k),
+        **precision_recall(real, generated, k, real_radii),
         "num_generated": len(generated),
         "num_reference": len(real),
     }
