@@ -18,7 +18,7 @@ import os
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
-from common import UNET_CHANNELS, run_header, timed
+from common import UNET_CHANNELS, levels_for_nfe, run_header, timed
 from diffusers_scorekit import (
     PredictorCorrectorScheduler,
     ProbabilityFlowODEScheduler,
@@ -43,17 +43,6 @@ def scorekit_schedulers():
             DDPM_CONFIG, predictor="euler_maruyama", corrector="langevin"
         ),
     }
-
-
-def steps_for_nfe(scheduler, nfe: int):
-    """``(num_inference_steps, model calls)``: the finest grid with at most ``nfe`` calls (Heun makes an odd number,
-    predictor-corrector an even one)."""
-    best = None
-    for steps in range(1, nfe + 1):
-        scheduler.set_timesteps(steps)
-        if len(scheduler.timesteps) <= nfe:
-            best = (steps, len(scheduler.timesteps))
-    return best
 
 
 def main():
@@ -96,7 +85,9 @@ def main():
                      "ratio_to_nfe_forwards": seconds / (nfe * forward_seconds)})
 
     for name, scheduler in scorekit_schedulers().items():
-        time_pipeline(name, ScoreSDEPipeline(unet=unet, scheduler=scheduler), *steps_for_nfe(scheduler, args.nfe))
+        steps = levels_for_nfe(scheduler, args.nfe)
+        scheduler.set_timesteps(steps)
+        time_pipeline(name, ScoreSDEPipeline(unet=unet, scheduler=scheduler), steps, len(scheduler.timesteps))
     for name, scheduler_cls in (("diffusers DDIM", DDIMScheduler), ("diffusers DPM-Solver multistep", DPMSolverMultistepScheduler)):
         time_pipeline(name, DDPMPipeline(unet=unet, scheduler=scheduler_cls.from_config(DDPM_CONFIG)), args.nfe, args.nfe)
 

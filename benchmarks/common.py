@@ -15,6 +15,17 @@ import torch
 UNET_CHANNELS = {"ddpm_cifar10": (128, 256, 256, 256), "small": (32, 64, 64, 64)}
 
 
+def levels_for_nfe(scheduler, nfe: int) -> int:
+    """The ``num_inference_steps`` of the finest grid with at most ``nfe`` model calls (Heun makes an odd number,
+    predictor-corrector an even one)."""
+    best = 1
+    for steps in range(1, nfe + 1):
+        scheduler.set_timesteps(steps)
+        if len(scheduler.timesteps) <= nfe:
+            best = steps
+    return best
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,7 +31,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 
-from common import run_header
+from common import levels_for_nfe, run_header
 from diffusers_scorekit import (
     PredictorCorrectorScheduler,
     ProbabilityFlowODEScheduler,
@@ -40,15 +40,15 @@ from diffusers_scorekit import (
 from diffusers_scorekit.metrics import FASHION_MNIST_DIR, fashion_mnist_score, read_fashion_mnist
 
 def scorekit_samplers(config):
-    """``{name: (scheduler, model calls per level)}`` for a scorekit model's scheduler config."""
+    """The samplers of a scorekit model, built from its scheduler config."""
     return {
-        "scorekit PC (EM + Langevin)": (PredictorCorrectorScheduler.from_config(
-            config, predictor="euler_maruyama", corrector="langevin", time_spacing="uniform"), 2),
-        "scorekit Euler-Maruyama": (PredictorCorrectorScheduler.from_config(
-            config, predictor="euler_maruyama", corrector="none", time_spacing="uniform"), 1),
-        "scorekit ODE Heun": (ProbabilityFlowODEScheduler.from_config(config, solver="heun", time_spacing="edm"), 2),
-        "scorekit ODE DPM-Solver++ 2M": (ProbabilityFlowODEScheduler.from_config(
-            config, solver="dpm_solver_2m", time_spacing="log_snr"), 1),
+        "scorekit PC (EM + Langevin)": PredictorCorrectorScheduler.from_config(
+            config, predictor="euler_maruyama", corrector="langevin", time_spacing="uniform"),
+        "scorekit Euler-Maruyama": PredictorCorrectorScheduler.from_config(
+            config, predictor="euler_maruyama", corrector="none", time_spacing="uniform"),
+        "scorekit ODE Heun": ProbabilityFlowODEScheduler.from_config(config, solver="heun", time_spacing="edm"),
+        "scorekit ODE DPM-Solver++ 2M": ProbabilityFlowODEScheduler.from_config(
+            config, solver="dpm_solver_2m", time_spacing="log_snr"),
     }
 
 
@@ -59,16 +59,6 @@ def ddpm_samplers(config):
         "diffusers DPM-Solver multistep": DPMSolverMultistepScheduler.from_config(config),
         "scorekit ODE DPM-Solver++ 2M on the DDPM model": ProbabilityFlowODEScheduler.from_config(config),
     }
-
-
-def levels_for_nfe(scheduler, nfe: int) -> int:
-    """The finest grid of at most ``nfe`` model calls."""
-    best = 1
-    for steps in range(1, nfe + 1):
-        scheduler.set_timesteps(steps)
-        if len(scheduler.timesteps) <= nfe:
-            best = steps
-    return best
 
 
 def draw(pipe, num_samples: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
@@ -150,7 +140,7 @@ def main(argv=None):
 
     pipe = ScoreSDEPipeline.from_pretrained(args.scorekit_pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
-    for name, (scheduler, _) in scorekit_samplers(pipe.scheduler.config).items():
+    for name, scheduler in scorekit_samplers(pipe.scheduler.config).items():
         pipe.scheduler = scheduler
         for nfe in args.nfe:
             steps = levels_for_nfe(scheduler, nfe)
