@@ -2,15 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# a CPU build of torch, where this machine keeps one, saves downloading a CUDA build of several GB
-TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
-TORCH := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch>=2.1)
+# torch and the torchvision built for it (the training data transforms need torchvision); override to pick another pair
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
