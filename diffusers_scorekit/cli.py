@@ -1,6 +1,6 @@
 """The ``scorekit`` command: train, sample, a quick demo and the likelihood.
 
-    scorekit train --dataset two_moons --max_train_steps 3000 --output_dir moons     # training.py's arguments
+    scorekit train --dataset two_moons --max_train_steps 3000 --output_dir moons     # train_score_sde.py's arguments
     scorekit sample moons --scheduler ProbabilityFlowODEScheduler --num_inference_steps 50 --output moons.png
     scorekit demo --output_dir outputs/scorekit-demo                                   # two moons, 1-3 minutes
     scorekit demo --data fashion_mnist                                                # a few minutes

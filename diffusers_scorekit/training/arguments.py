@@ -1,0 +1,240 @@
+"""The command line of ``training/train_score_sde.py`` and ``scorekit train``: the parser, and ``resolve_args``,
+which fills the data- and SDE-dependent defaults and rejects inconsistent options before any data is read."""
+
+import argparse
+import importlib.util
+import inspect
+from typing import List, Optional, Tuple
+
+from ..metrics import FASHION_MNIST_DIR
+from ..models import NCSNScoreModel
+from ..parametrization import PREDICTION_TYPES, TIMESTEP_TYPES
+from ..sde import SDE_TYPES
+from .data import DATASETS, TOY_DATASETS
+from .models import UNET2D_PRESETS
+
+MODELS = ("scorekit_mlp", "ncsn", "unet2d")
+LOSSES = ("dsm", "ssm")
+SAMPLERS = ("pc", "ode", "em", "ald")
+SPEED_MODES = ("auto", "none")
+# the speed switches --speed decides when they are not given; resolve_speed turns each into a bool
+SPEED_SWITCHES = ("channels_last", "allow_tf32", "fused_optimizer", "torch_compile")
+LICENSE_DEFAULT = "apache-2.0"
+
+
+def int_tuple(text: str) -> Tuple[int, ...]:
+    """An argparse type: "32,64,64" -> (32, 64, 64)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,64, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a score-based generative model (VE / VP / sub-VP SDE) and save a ScoreSDEPipeline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, help="a built-in dataset (2-D toys or Fashion-MNIST)")
+    data.add_argument("--train_data_dir", help="a folder of images (class subfolders give labels)")
+    data.add_argument("--dataset_name", help="a Hugging Face Hub image dataset (needs `datasets` and the network)")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--image_column", default="image", help="column of --dataset_name holding the images")
+    data.add_argument("--cache_dir")
+    data.add_argument("--fashion_mnist_dir", default=FASHION_MNIST_DIR)
+    data.add_argument("--num_toy_samples", type=int, default=20000, help="training points of a 2-D toy")
+    data.add_argument("--resolution", type=int, default=None, help="image size (default 28 for Fashion-MNIST, "
+                      "where 32 pads the images; 32 otherwise)")
+    data.add_argument("--center_crop", action="store_true", help="crop the centre square after resizing the short "
+                      "side; otherwise images are resized to a square")
+    data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=MODELS, default=None, help="default: scorekit_mlp for toys, ncsn for images")
+    model.add_argument("--hidden_dim", type=int, default=128, help="ScoreMLP width")
+    model.add_argument("--num_layers", type=int, default=3, help="ScoreMLP residual blocks")
+    model.add_argument("--block_out_channels", type=int_tuple, default=None,
+                       help="channels per level of ncsn / unet2d (default: the model's or the unet2d preset's)")
+    model.add_argument("--layers_per_block", type=int, default=None)
+    model.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
+                       help="default: score on VE, epsilon on VP / sub-VP")
+    model.add_argument("--timestep_type", choices=TIMESTEP_TYPES, default=None,
+                       help="default: sigma on VE, discrete on VP / sub-VP")
+    model.add_argument("--num_classes", type=int, default=None, help="train class-conditionally on this many labels")
+    model.add_argument("--label_dropout", type=float, default=0.1,
+                       help="probability of replacing a label by the null label (classifier-free guidance)")
+
+    sde = parser.add_argument_group("SDE")
+    sde.add_argument("--sde", choices=SDE_TYPES, default="ve")
+    sde.add_argument("--sigma_min", type=float, default=0.01)
+    sde.add_argument("--sigma_max", type=float, default=None, help="default: 10 for toys, 50 for images")
+    sde.add_argument("--beta_min", type=float, default=0.1)
+    sde.add_argument("--beta_max", type=float, default=20.0)
+    sde.add_argument("--num_train_timesteps", type=int, default=1000)
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--loss", choices=LOSSES, default="dsm")
+    loss.add_argument("--time_sampling", default="continuous", help="dsm: continuous or discrete")
+    loss.add_argument("--weighting", default="sigma2", help="dsm: sigma2, likelihood or native")
+    loss.add_argument("--importance_sampling", action="store_true", help="dsm with the likelihood weighting")
+    loss.add_argument("--num_projections", type=int, default=1, help="ssm projections")
+    loss.add_argument("--sampling_eps", type=float, default=None, help="smallest training time")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=128, help="per process")
+    optim.add_argument("--max_train_steps", type=int, default=10000,
+                       help="optimizer updates; the learning-rate schedule always spans this many")
+    optim.add_argument("--time_budget_minutes", type=float, default=None,
+                       help="also stop once the training loop has run this long (wall clock, compilation and "
+                            "checkpoints included, checked every --logging_steps), then save a checkpoint and the "
+                            "pipeline as at the last step. The schedule still spans --max_train_steps: set that "
+                            "near the steps the budget allows for a decaying schedule to finish")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 for toys, 2e-4 for images")
+    optim.add_argument("--lr_scheduler", default="constant_with_warmup",
+                       help="a diffusers get_scheduler name (constant, cosine, linear, ...)")
+    optim.add_argument("--lr_warmup_steps", type=int, default=100)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument("--ema_decay", type=float, default=0.999)
+    optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="default: accelerate's configuration")
+    optim.add_argument("--seed", type=int, default=0)
+
+    speed = parser.add_argument_group(
+        "speed", "each switch is on (--X), off (--no-X) or, unset, decided by --speed; the log says what was used")
+    speed.add_argument("--speed", choices=SPEED_MODES, default="auto",
+                       help="auto: on CUDA, turn on every unset switch (channels_last and torch_compile for image "
+                            "models only); on other devices, none. none: unset switches stay off")
+    speed.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                       help="model and batches in channels-last memory format (NHWC), which tensor-core "
+                            "convolutions prefer; image models only")
+    speed.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=None,
+                       help="TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere or newer; "
+                            "no effect elsewhere); under bf16/fp16 autocast it covers what stays in float32")
+    speed.add_argument("--fused_optimizer", action=argparse.BooleanOptionalAction, default=None,
+                       help="AdamW as one fused kernel (foreach kernels where the device has no fused AdamW) and "
+                            "the EMA update as foreach kernels, instead of loops over the parameters")
+    speed.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model's training forward (the first steps compile); checkpoints, "
+                            "EMA and the saved pipeline use the uncompiled model, so their weights keep their names")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="score-sde-model")
+    run.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    run.add_argument("--report_to", default=None, help="an accelerate tracker; default tensorboard if installed")
+    run.add_argument("--logging_steps", type=int, default=10,
+                     help="log the mean loss (and check --time_budget_minutes) every N steps; in between, the "
+                          "loop never waits for the device, checkpoints and previews aside")
+    run.add_argument("--checkpointing_steps", type=int, default=500)
+    run.add_argument("--checkpoints_total_limit", type=int, default=None)
+    run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    run.add_argument("--sample_every", type=int, default=0, help="write a sample image every N steps (0: never)")
+    run.add_argument("--num_preview_samples", type=int, default=None, help="default: 2000 points or 16 images")
+
+    sampling = parser.add_argument_group("the saved pipeline")
+    sampling.add_argument("--sampler", choices=SAMPLERS, default="pc",
+                          help="predictor-corrector, probability-flow ODE, Euler-Maruyama, annealed Langevin (VE)")
+    sampling.add_argument("--num_inference_steps", type=int, default=None,
+                          help="default: pc 500, ode 50, em 1000, ald 100 (x num_annealed_steps)")
+    sampling.add_argument("--num_eval_samples", type=int, default=None,
+                          help="samples for the metrics and the image (default: 2000 points or 16 images)")
+    sampling.add_argument("--eval_likelihood_samples", type=int, default=None,
+                          help="held-out examples for the likelihood (default: 500 points, 0 images)")
+    sampling.add_argument("--license", default=LICENSE_DEFAULT)
+    sampling.add_argument("--push_to_hub", action="store_true")
+    sampling.add_argument("--hub_model_id")
+    sampling.add_argument("--hub_token")
+    sampling.add_argument("--hub_private_repo", action="store_true")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolve_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def resolve_args(args: argparse.Namespace) -> None:
+    """Fill the data- and SDE-dependent defaults and reject inconsistent options (ValueError), before any data is
+    read. ``main`` calls it too, so a Namespace built in code gets the same checks."""
+    sources = [name for name in ("dataset", "train_data_dir", "dataset_name") if getattr(args, name)]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --dataset, --train_data_dir, --dataset_name" +
+                         (f" (got {', '.join('--' + s for s in sources)})" if sources else ""))
+    is_toy = args.dataset in TOY_DATASETS
+    if args.model is None:
+        args.model = "scorekit_mlp" if is_toy else "ncsn"
+    if is_toy != (args.model == "scorekit_mlp"):
+        raise ValueError(f"--model {args.model} does not fit --dataset/--train_data_dir: use scorekit_mlp for the "
+                         "2-D toys and ncsn or unet2d for images.")
+    if args.resolution is None:
+        args.resolution = 28 if args.dataset == "fashion_mnist" else 32
+    if not is_toy:
+        check_resolution(args)
+    if args.sigma_max is None:
+        args.sigma_max = 10.0 if is_toy else 50.0
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if is_toy else 2e-4
+
+    default_conventions = ("score", "sigma") if args.sde == "ve" else ("epsilon", "discrete")
+    if args.model == "unet2d" and args.sde == "ve":
+        # the NCSN++ layout: Fourier features of log sigma, output divided by sigma
+        if args.prediction_type not in (None, "score") or args.timestep_type not in (None, "sigma"):
+            raise ValueError("unet2d on the VE SDE is diffusers' NCSN++ layout, which outputs a score and is "
+                             "conditioned on sigma: leave --prediction_type / --timestep_type unset.")
+    args.prediction_type = args.prediction_type or default_conventions[0]
+    args.timestep_type = args.timestep_type or default_conventions[1]
+
+    if args.loss == "ssm" and args.num_classes:
+        raise ValueError("--loss ssm trains unconditional models only; drop --num_classes or use --loss dsm.")
+    if args.sampler == "ald" and args.sde != "ve":
+        raise ValueError(f"--sampler ald (annealed Langevin) runs the VE SDE only, not --sde {args.sde}.")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}.")
+    if not 0 <= args.label_dropout < 1:
+        raise ValueError(f"--label_dropout must lie in [0, 1), got {args.label_dropout}.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "logging_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
+        raise ValueError(f"--time_budget_minutes must be > 0 (or left out for no budget), "
+                         f"got {args.time_budget_minutes}.")
+    if args.channels_last and is_toy:
+        raise ValueError("--channels_last is a memory format of image batches (n, c, h, w); the 2-D toys have "
+                         "none: drop it or use --no-channels_last.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/score-sde-moons).")
+    if args.report_to is None:
+        args.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    elif args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard.")
+    args.num_inference_steps = args.num_inference_steps or {"pc": 500, "ode": 50, "em": 1000, "ald": 100}[args.sampler]
+    args.num_preview_samples = args.num_preview_samples or (2000 if is_toy else 16)
+    args.num_eval_samples = args.num_eval_samples or (2000 if is_toy else 16)
+    if args.eval_likelihood_samples is None:
+        args.eval_likelihood_samples = 500 if is_toy else 0
+
+
+def check_resolution(args: argparse.Namespace) -> None:
+    if args.dataset == "fashion_mnist" and args.resolution not in (28, 32):
+        raise ValueError(f"--resolution {args.resolution} does not fit Fashion-MNIST: use 28 or 32 (zero-padded).")
+    if args.model == "unet2d" and args.resolution not in UNET2D_PRESETS:
+        raise ValueError(f"--model unet2d has presets for --resolution {sorted(UNET2D_PRESETS)}, "
+                         f"not {args.resolution}.")
+    if args.model == "ncsn":
+        default_channels = inspect.signature(NCSNScoreModel.__init__).parameters["block_out_channels"].default
+        levels = len(args.block_out_channels or default_channels)
+        if args.resolution % 2 ** (levels - 1):
+            raise ValueError(f"--resolution {args.resolution} must be divisible by {2 ** (levels - 1)} for an ncsn "
+                             f"model with {levels} levels (--block_out_channels).")

@@ -1,0 +1,189 @@
+"""The training run: ``main`` trains with accelerate (logging, time budget, checkpoints, previews, resuming),
+then ``save_final`` saves the pipeline, its run configuration, a sample image, the metrics and the model card."""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .arguments import resolve_args
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    RUN_CONFIG_NAME,
+    check_resumable,
+    find_resume_checkpoint,
+    run_config,
+    save_checkpoint,
+)
+from .data import TrainingData, load_data
+from .evaluation import export_pipeline, measure, sample_figure, sample_pipeline
+from .model_card import SAMPLE_IMAGE_NAME, push_to_hub, training_length, write_model_card
+from .models import build_model, training_sde
+from .step import BatchOrder, prepare_training, resolve_speed, train_step
+
+logger = logging.getLogger(__name__)
+
+# fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step
+KILL_AT_STEP_ENV = "SCOREKIT_KILL_AT_STEP"
+
+
+class TimeBudget:
+    """The wall-clock budget of a training loop, counted from construction (``minutes=None``: no budget).
+    ``exhausted`` is decided by the main process's clock and broadcast, so every process stops at the same step;
+    it waits for the device, so call it where the loop waits anyway (at logging)."""
+
+    def __init__(self, minutes: Optional[float], accelerator):
+        self.minutes, self.accelerator = minutes, accelerator
+        self.start = time.monotonic()
+
+    def elapsed_minutes(self) -> float:
+        return (time.monotonic() - self.start) / 60
+
+    def exhausted(self) -> bool:
+        if self.minutes is None:
+            return False
+        from accelerate.utils import broadcast
+
+        over = torch.tensor([float(self.elapsed_minutes() >= self.minutes)], device=self.accelerator.device)
+        return bool(broadcast(over, from_process=0).item())
+
+    def report(self, steps: int, max_train_steps: int, stopped: bool) -> Dict[str, object]:
+        """How long the run trained, for the run configuration and the model card: ``steps`` counts from the
+        start of the run, ``training_minutes`` from the start of this launch (a resumed run's last part)."""
+        return {"steps": steps, "max_train_steps": max_train_steps, "time_budget_minutes": self.minutes,
+                "training_minutes": round(self.elapsed_minutes(), 3),
+                "stopped_by": "time_budget_minutes" if stopped else "max_train_steps"}
+
+
+def main(args: argparse.Namespace) -> str:
+    """Train, then save the pipeline and its model card to ``args.output_dir`` (returned)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    resolve_args(args)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    resolve_speed(args, accelerator.device)
+    data = load_data(args)
+    set_seed(args.seed)
+    model = build_model(args, data)
+    config = run_config(args, model, data)
+    checkpoint = find_resume_checkpoint(args)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    state = prepare_training(args, accelerator, model, training_sde(args))
+    order = BatchOrder(len(data.examples), args.train_batch_size, accelerator.num_processes,
+                       accelerator.process_index, args.seed)
+
+    global_step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("score_sde", config={k: v for k, v in vars(args).items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    logger.info("training %s (%.2fM parameters) on %s for %d steps%s, %d process(es), %d example(s) per update",
+                type(state.unwrapped).__name__, sum(p.numel() for p in state.unwrapped.parameters()) / 1e6,
+                data.description, args.max_train_steps,
+                "" if args.time_budget_minutes is None else f" or {args.time_budget_minutes:g} minutes",
+                accelerator.num_processes,
+                args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    kill_at_step = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    budget = TimeBudget(args.time_budget_minutes, accelerator)
+    out_of_time = False
+    # summed on the device and read only at logging, the one place the loop waits for the device
+    unlogged_loss, unlogged_steps = 0, 0
+    state.model.train()
+    while global_step < args.max_train_steps and not out_of_time:
+        unlogged_loss = unlogged_loss + train_step(args, accelerator, state, data, order, global_step)
+        unlogged_steps += 1
+        global_step += 1
+        progress.update(1)
+        finished = global_step == args.max_train_steps
+        if global_step % args.logging_steps == 0 or finished:
+            logs = {"loss": unlogged_loss.item() / (unlogged_steps * args.gradient_accumulation_steps),
+                    "lr": state.lr_scheduler.get_last_lr()[0]}
+            if state.ema is not None:
+                logs["ema_decay"] = state.ema.cur_decay_value
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            unlogged_loss, unlogged_steps = 0, 0
+            out_of_time = not finished and budget.exhausted()
+            if out_of_time:
+                logger.info("time budget of %g minutes used up at step %d of %d", args.time_budget_minutes,
+                            global_step, args.max_train_steps)
+
+        if out_of_time or (global_step % args.checkpointing_steps == 0 and not finished):
+            save_checkpoint(accelerator, args, global_step, config)
+        if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
+            with ema_weights(state.ema, state.unwrapped):
+                state.unwrapped.eval()
+                export_pipeline(state.unwrapped, args, data, preview_step=global_step)
+                state.unwrapped.train()
+        if global_step == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    config["result"] = budget.report(global_step, args.max_train_steps, out_of_time)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state.ema is not None:
+            state.ema.copy_to(state.unwrapped.parameters())
+        state.unwrapped.eval()
+        save_final(state.unwrapped, args, data, config)
+    accelerator.end_training()
+    return args.output_dir
+
+
+@contextlib.contextmanager
+def ema_weights(ema, model):
+    """Inside the block the model holds the EMA weights; after it, its own again."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+def save_final(model, args, data: TrainingData, config: dict) -> None:
+    """The pipeline (safetensors), its run configuration (with how long it trained, ``config["result"]``), a
+    sample image and the model card; then the Hub."""
+    pipe = export_pipeline(model, args, data)
+    pipe.save_pretrained(args.output_dir)
+    Path(args.output_dir, RUN_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    samples = sample_pipeline(pipe, args.num_eval_samples, args.num_inference_steps, args.seed, data.is_image)
+    sample_figure(samples, data, f"{type(pipe.scheduler).__name__}, {args.num_inference_steps} steps").save(
+        os.path.join(args.output_dir, SAMPLE_IMAGE_NAME))
+    metrics = {"training length": training_length(config["result"]), **measure(pipe, args, data, samples)}
+    for name, value in metrics.items():
+        logger.info("%s: %s", name, value)
+    write_model_card(args, pipe, data, metrics, config["result"]["steps"])
+    logger.info("saved the pipeline and its model card to %s", os.path.abspath(args.output_dir))
+    if args.push_to_hub:
+        logger.info("pushed to https://huggingface.co/%s", push_to_hub(args))

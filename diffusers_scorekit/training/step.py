@@ -1,0 +1,204 @@
+"""One optimizer update, exactly reproducible: the order of the examples (``BatchOrder``) and every random draw
+of a micro-batch (``step_generator``) are functions of the seed, process and step only; ``prepare_training`` sets up
+the model, AdamW, the learning-rate schedule and the EMA with the speed switches ``resolve_speed`` decides, and
+``train_step`` runs one update without waiting for the device."""
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..losses import denoising_score_matching_loss, sample_time, sliced_score_matching_loss
+from ..score_function import ScoreFunction
+from .arguments import SPEED_SWITCHES
+from .data import TrainingData
+
+logger = logging.getLogger(__name__)
+
+
+def seed_of(*keys: int) -> int:
+    """A 63-bit seed derived from integers, well mixed (neighbouring keys give unrelated streams)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class BatchOrder:
+    """Which examples go into each micro-batch: epoch ``e`` is a permutation seeded by ``(seed, e)``; a global
+    batch (all processes) is a slice of it and each process takes its part. Incomplete global batches at the end
+    of an epoch are skipped, so every micro-batch has the same size."""
+
+    def __init__(self, num_examples: int, batch_size: int, num_processes: int, process_index: int, seed: int):
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.batches_per_epoch = num_examples // (batch_size * num_processes)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {num_examples} examples, fewer than one batch of "
+                             f"{batch_size} x {num_processes} processes: lower --train_batch_size.")
+        self._epoch, self._permutation = None, None
+
+    def indices(self, micro_batch: int) -> torch.Tensor:
+        epoch, position = divmod(micro_batch, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(seed_of(self.seed, 1, epoch))
+            self._epoch, self._permutation = epoch, torch.randperm(self.num_examples, generator=generator)
+        start = (position * self.num_processes + self.process_index) * self.batch_size
+        return self._permutation[start:start + self.batch_size]
+
+
+def step_generator(seed: int, process_index: int, step: int, micro_batch: int) -> torch.Generator:
+    """The CPU generator of every draw in one micro-batch (the losses draw on the CPU and move the result)."""
+    return torch.Generator().manual_seed(seed_of(seed, 2, process_index, step, micro_batch))
+
+
+def resolve_speed(args, device: torch.device) -> None:
+    """Turn every unset speed switch into a bool for a run on ``device`` (``--speed auto``: all on for CUDA, but
+    channels_last and torch_compile only for image models; none elsewhere) and apply the process-wide one, TF32.
+
+    With the switch off, float32 matmuls keep PyTorch's default full precision; cuDNN convolutions use TF32 by
+    PyTorch's default either way, so on means TF32 matmuls (and, explicitly, cuDNN)."""
+    image_model = args.model != "scorekit_mlp"
+    auto = args.speed == "auto" and device.type == "cuda"
+    for name in SPEED_SWITCHES:
+        if getattr(args, name) is None:
+            setattr(args, name, auto and (image_model or name not in ("channels_last", "torch_compile")))
+    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    if args.allow_tf32:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_optimizer(args, parameters, device: torch.device) -> Tuple[torch.optim.AdamW, str]:
+    """AdamW with the run's hyper-parameters, on parameters already on ``device``, and the name of the
+    implementation for the log: with ``--fused_optimizer`` the fused kernel where ``device`` has one (else
+    foreach kernels), without it PyTorch's default (foreach on CUDA, a loop over the parameters on the CPU)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    implementation, name = {}, f"AdamW (PyTorch's default implementation on {device.type})"
+    if args.fused_optimizer:
+        if device.type in _get_fused_kernels_supported_devices():
+            implementation, name = {"fused": True}, "AdamW (fused)"
+        else:
+            implementation, name = {"foreach": True}, f"AdamW (foreach: no fused AdamW on {device.type})"
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **implementation)
+    return optimizer, name
+
+
+@dataclass
+class TrainingState:
+    """What one optimizer update works on (see ``prepare_training``)."""
+
+    model: torch.nn.Module  # as accelerate prepared it (DDP-wrapped with several processes); checkpointed
+    unwrapped: torch.nn.Module  # the plain model: the EMA, previews and the saved pipeline use it
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: Optional[object]  # diffusers' EMAModel with --use_ema
+    score_fn: ScoreFunction  # the training forward, compiled with --torch_compile
+
+
+def prepare_training(args, accelerator, model, sde) -> TrainingState:
+    """Put ``model`` on the device with the speed switches (already resolved by ``resolve_speed``), build its
+    optimizer, schedule and EMA, prepare them with ``accelerator`` and register everything an exact resume needs
+    (model, optimizer, schedule, EMA) for its checkpoints. The log says which switches are on.
+
+    ``torch.compile`` wraps only the forward the loss calls: accelerate checkpoints, the EMA and the saved
+    pipeline see the uncompiled module, so its state-dict keys never get compile's ``_orig_mod.`` prefix, and
+    sampling the pipeline does not recompile."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # on the device before the optimizer is built, so that the fused implementation is chosen for that device
+    model = model.to(accelerator.device)
+    optimizer, optimizer_name = build_optimizer(args, model.parameters(), accelerator.device)
+    # stepped once per optimizer update by us rather than prepared, so warm-up counts updates whatever the
+    # number of processes; saved with the checkpoint as a registered object
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay, foreach=args.fused_optimizer,
+                       model_cls=type(unwrapped), model_config=unwrapped.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    forward = torch.compile(model) if args.torch_compile else model
+    score_fn = ScoreFunction(forward, sde, args.prediction_type, args.timestep_type, args.num_train_timesteps)
+    logger.info("speed on %s: channels_last %s, TF32 %s, %s%s, torch.compile %s, %s", accelerator.device,
+                *("on" if getattr(args, name) else "off" for name in ("channels_last", "allow_tf32")), optimizer_name,
+                " and foreach EMA" if ema is not None and args.fused_optimizer else "",
+                "on" if args.torch_compile else "off", f"{accelerator.mixed_precision} mixed precision")
+    return TrainingState(model, unwrapped, optimizer, lr_scheduler, ema, score_fn)
+
+
+def to_device(tensor: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """A host tensor on ``device`` (channels-last if asked). To CUDA it goes through pinned memory without
+    blocking: a blocking copy waits for everything queued on the device, which would leave the device idle while
+    the host prepares each step."""
+    if channels_last:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def training_loss(args, score_fn: ScoreFunction, x0, class_labels, generator) -> torch.Tensor:
+    """The loss of one micro-batch. Denoising score matching gets its times and noise drawn here on the host
+    from ``generator``, as the loss would draw them itself, and copied with ``to_device`` (without waiting)."""
+    if args.loss == "ssm":
+        return sliced_score_matching_loss(score_fn, x0, num_projections=args.num_projections,
+                                          sampling_eps=args.sampling_eps, generator=generator)
+    t = sample_time(score_fn, len(x0), time_sampling=args.time_sampling, sampling_eps=args.sampling_eps,
+                    importance_sampling=args.importance_sampling, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    return denoising_score_matching_loss(
+        score_fn, x0, time_sampling=args.time_sampling, weighting=args.weighting,
+        importance_sampling=args.importance_sampling, sampling_eps=args.sampling_eps, class_labels=class_labels,
+        t=to_device(t, x0.device), noise=to_device(noise, x0.device, channels_last=bool(args.channels_last)),
+    )
+
+
+def make_batch(args, data: TrainingData, indices, generator, device):
+    """The micro-batch in model space, randomly flipped and with labels dropped to the null label, all drawn
+    from this micro-batch's ``generator``, on ``device`` (see ``to_device``)."""
+    x0 = data.to_model_space(data.examples[indices])
+    if args.random_flip and data.is_image:
+        flip = torch.rand(len(indices), generator=generator) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    labels = None
+    if args.num_classes is not None:
+        labels = data.labels[indices].clone()
+        labels[torch.rand(len(indices), generator=generator) < args.label_dropout] = args.num_classes
+        labels = to_device(labels, device)
+    return to_device(x0, device, channels_last=bool(args.channels_last)), labels
+
+
+def train_step(args, accelerator, state: TrainingState, data: TrainingData, order: "BatchOrder",
+               step: int) -> torch.Tensor:
+    """Optimizer update number ``step`` (from 0): its micro-batches with gradient accumulation, clipping, AdamW,
+    the learning-rate schedule and the EMA. Returns the sum of the micro-batch losses on the device, without
+    waiting for it."""
+    loss_sum = 0
+    for micro_batch in range(args.gradient_accumulation_steps):
+        generator = step_generator(args.seed, accelerator.process_index, step, micro_batch)
+        indices = order.indices(step * args.gradient_accumulation_steps + micro_batch)
+        x0, labels = make_batch(args, data, indices, generator, accelerator.device)
+        with accelerator.accumulate(state.model):
+            with accelerator.autocast():
+                loss = training_loss(args, state.score_fn, x0, labels, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
+            state.optimizer.step()
+            state.optimizer.zero_grad()
+        loss_sum = loss_sum + loss.detach()
+    if not accelerator.sync_gradients:
+        raise RuntimeError("gradients were not synchronised after a full accumulation: accelerate's step "
+                           "counter is out of line with this loop.")
+    state.lr_scheduler.step()
+    if state.ema is not None:
+        state.ema.step(state.unwrapped.parameters())
+    return loss_sum
