@@ -7,9 +7,10 @@ This is the logic behind ``training/train_score_sde.py`` and ``scorekit train`` 
     python training/train_score_sde.py --dataset fashion_mnist --model ncsn --resolution 28 --use_ema ...
 
 It follows diffusers' ``train_unconditional.py`` (accelerate, EMA, warm-up, checkpoints, resuming) with one
-difference in how data is fed: the dataset is held in memory and the order of the examples is a function of
-``(seed, epoch)`` only, and every random draw of an update (flips, label dropout, the loss's times and noise) comes
-from a generator seeded with ``(seed, process, step, micro-batch)``. Nothing random is carried from one step to the
+difference in how data is fed: the order of the examples is a function of ``(seed, epoch)`` only, and every random
+draw of an update (crops and flips, label dropout, the loss's times and noise) comes from a generator seeded with
+``(seed, process, step or micro-batch)``. Image datasets are read through ``datasets`` (memory-mapped Arrow, or a
+stream whose position each checkpoint saves as JSON) and decoded batch by batch in DataLoader workers. Nothing random is carried from one step to the
 next, so a run killed at any point and resumed from its last checkpoint ends with exactly the weights of an
 uninterrupted run: the checkpoint only has to hold the model, optimizer, learning-rate schedule and EMA.
 
@@ -23,9 +24,11 @@ wall-clock time, for comparisons at a fixed compute budget.
 The package, one concern per module:
 
 * ``arguments``: the command line (``build_parser``, ``parse_args``) and ``resolve_args``'s defaults and checks;
-* ``data``: the four loaders (2-D toys, Fashion-MNIST, an image folder, a Hub dataset) into ``TrainingData``;
+* ``data``: the loaders (2-D toys and Fashion-MNIST in memory; an image folder, a Hub dataset or a ``save_to_disk``
+  folder through ``datasets``) into ``TrainingData``, and a run's micro-batches (``BatchOrder``,
+  ``training_batches``) with the stream state its checkpoints save (``write_data_state``);
 * ``models``: the network, the forward SDE and the sampling scheduler of a run (``build_model``, ``build_unet2d``);
-* ``step``: one reproducible optimizer update (``BatchOrder``, ``step_generator``, ``prepare_training``,
+* ``step``: one reproducible optimizer update (``step_generator``, ``prepare_training``,
   ``train_step``) and the speed switches (``resolve_speed``, ``build_optimizer``);
 * ``checkpoints``: the run configuration, saving, finding and checking the checkpoint to resume from;
 * ``evaluation``: sampling the pipeline for previews and the model card's metrics;
@@ -59,18 +62,22 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import (
+    DATA_STATE_NAME,
     DATASETS,
-    IMAGE_EXTENSIONS,
     TOY_DATASETS,
+    BatchOrder,
+    ImageSource,
     TrainingData,
-    fit_image,
-    images_to_tensor,
     load_data,
     load_fashion_mnist,
-    load_hub_dataset,
-    load_image_folder,
+    load_image_source,
     load_toy,
+    read_data_state,
+    seed_of,
     toy_points,
+    training_batches,
+    transform_images,
+    write_data_state,
 )
 from .evaluation import (
     TOY_PLOT_EXTENT,
@@ -86,13 +93,11 @@ from .loop import KILL_AT_STEP_ENV, TimeBudget, ema_weights, main, save_final
 from .model_card import MODEL_CARD_TEMPLATE, SAMPLE_IMAGE_NAME, push_to_hub, training_length, write_model_card
 from .models import UNET2D_PRESETS, build_model, build_sampling_scheduler, build_unet2d, sde_config, training_sde
 from .step import (
-    BatchOrder,
     TrainingState,
     build_optimizer,
     make_batch,
     prepare_training,
     resolve_speed,
-    seed_of,
     step_generator,
     to_device,
     train_step,

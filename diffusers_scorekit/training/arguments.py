@@ -36,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, help="a built-in dataset (2-D toys or Fashion-MNIST)")
-    data.add_argument("--train_data_dir", help="a folder of images (class subfolders give labels)")
-    data.add_argument("--dataset_name", help="a Hugging Face Hub image dataset (needs `datasets` and the network)")
+    data.add_argument("--dataset", choices=DATASETS, help="a built-in dataset (2-D toys or Fashion-MNIST); "
+                      "imagefolder: --train_data_dir's")
+    data.add_argument("--train_data_dir", help="a folder of images, read by datasets' imagefolder (class subfolders "
+                      "give labels)")
+    data.add_argument("--dataset_name", help="a Hugging Face Hub image dataset (needs the network or a cached copy), "
+                      "a local dataset folder, or a folder written by datasets' save_to_disk")
     data.add_argument("--dataset_config_name")
     data.add_argument("--image_column", default="image", help="column of --dataset_name holding the images")
     data.add_argument("--cache_dir")
@@ -48,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "where 32 pads the images; 32 otherwise)")
     data.add_argument("--center_crop", action="store_true", help="crop the centre square after resizing the short "
                       "side; otherwise images are resized to a square")
+    data.add_argument("--random_crop", action="store_true", help="crop a random square after resizing the short "
+                      "side (drawn per image from the seed, process and micro-batch)")
     data.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    data.add_argument("--streaming", action="store_true", help="stream the dataset (--train_data_dir or "
+                      "--dataset_name) instead of preparing it on disk, for data larger than the disk; read in "
+                      "its order, in the main process; checkpoints save where the stream stands")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes that "
+                      "decode and transform the images of map-style datasets (0: the main process); the batches "
+                      "do not depend on it")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=MODELS, default=None, help="default: scorekit_mlp for toys, ncsn for images")
@@ -167,6 +178,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def resolve_args(args: argparse.Namespace) -> None:
     """Fill the data- and SDE-dependent defaults and reject inconsistent options (ValueError), before any data is
     read. ``main`` calls it too, so a Namespace built in code gets the same checks."""
+    if args.dataset == "imagefolder":
+        if not args.train_data_dir:
+            raise ValueError("--dataset imagefolder reads --train_data_dir: give the folder.")
+        args.dataset = None
     sources = [name for name in ("dataset", "train_data_dir", "dataset_name") if getattr(args, name)]
     if len(sources) != 1:
         raise ValueError("give exactly one of --dataset, --train_data_dir, --dataset_name" +
@@ -195,6 +210,13 @@ def resolve_args(args: argparse.Namespace) -> None:
     args.prediction_type = args.prediction_type or default_conventions[0]
     args.timestep_type = args.timestep_type or default_conventions[1]
 
+    if args.center_crop and args.random_crop:
+        raise ValueError("--center_crop and --random_crop exclude each other: pick one (or neither, to resize "
+                         "images to a square).")
+    if args.streaming and not (args.train_data_dir or args.dataset_name):
+        raise ValueError("--streaming streams --train_data_dir or --dataset_name; the built-in datasets are in memory.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     if args.loss == "ssm" and args.num_classes:
         raise ValueError("--loss ssm trains unconditional models only; drop --num_classes or use --loss dsm.")
     if args.sampler == "ald" and args.sde != "ve":

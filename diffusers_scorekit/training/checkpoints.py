@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .arguments import SPEED_SWITCHES
-from .data import TrainingData
+from .data import TrainingData, write_data_state
 from .models import sde_config
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run_config(args, model, data: TrainingData) -> dict:
                  "class_names": data.class_names},
         "training": {name: getattr(args, name) for name in (
             "dataset", "train_data_dir", "dataset_name", "dataset_config_name", "image_column", "num_toy_samples",
-            "resolution", "center_crop", "random_flip", "num_classes",
+            "resolution", "center_crop", "random_crop", "random_flip", "streaming", "num_classes",
             "label_dropout", "loss", "time_sampling", "weighting", "importance_sampling", "num_projections",
             "sampling_eps", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
             "lr_warmup_steps", "max_grad_norm", "use_ema", "ema_decay", "seed") + SPEED_SWITCHES},
@@ -88,9 +88,10 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> List[str]:
     return lines
 
 
-def save_checkpoint(accelerator, args, step: int, config: dict) -> None:
-    """``accelerator.save_state`` into a temporary folder renamed into place when complete, so that a run killed
-    while saving leaves no half-written "latest" checkpoint; keeps at most ``checkpoints_total_limit``."""
+def save_checkpoint(accelerator, args, step: int, config: dict, batches=None) -> None:
+    """``accelerator.save_state`` (and where each process's ``batches`` stand, ``write_data_state``) into a
+    temporary folder renamed into place when complete, so that a run killed while saving leaves no half-written
+    "latest" checkpoint; keeps at most ``checkpoints_total_limit``."""
     final = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     partial = Path(args.output_dir) / f".{CHECKPOINT_PREFIX}{step}.partial"
     if accelerator.is_main_process:
@@ -104,6 +105,7 @@ def save_checkpoint(accelerator, args, step: int, config: dict) -> None:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    write_data_state(partial, accelerator.process_index, batches)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / RUN_CONFIG_NAME).write_text(json.dumps(config, indent=2))

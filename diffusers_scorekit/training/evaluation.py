@@ -95,7 +95,7 @@ def likelihood_metric(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: 
     generator = torch.Generator(pipe.device).manual_seed(seed)
     if data.is_image:
         result = log_likelihood(score_fn, dequantize_and_scale(examples, generator), data="8bit", generator=generator)
-        where = "training" if data.held_out is data.examples else "held-out"
+        where = "training" if data.held_out_is_training else "held-out"
         return f"{result.bits_per_dim.mean().item():.3f} (8-bit, {len(examples)} {where} images, PF-ODE)"
     result = log_likelihood(score_fn, examples, divergence="exact")
     # back to data units: log p_data(x) = log p_model((x - mean) / std) - sum(log std)

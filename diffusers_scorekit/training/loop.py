@@ -22,11 +22,11 @@ from .checkpoints import (
     run_config,
     save_checkpoint,
 )
-from .data import TrainingData, load_data
+from .data import TrainingData, load_data, training_batches
 from .evaluation import export_pipeline, measure, sample_figure, sample_pipeline
 from .model_card import SAMPLE_IMAGE_NAME, push_to_hub, training_length, write_model_card
 from .models import build_model, training_sde
-from .step import BatchOrder, prepare_training, resolve_speed, train_step
+from .step import prepare_training, resolve_speed, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +90,13 @@ def main(args: argparse.Namespace) -> str:
         os.makedirs(args.output_dir, exist_ok=True)
 
     state = prepare_training(args, accelerator, model, training_sde(args))
-    order = BatchOrder(len(data.examples), args.train_batch_size, accelerator.num_processes,
-                       accelerator.process_index, args.seed)
-
     global_step = 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
         logger.info("resumed from %s at step %d", checkpoint, global_step)
+    batches = training_batches(args, data, accelerator.num_processes, accelerator.process_index,
+                               global_step * args.gradient_accumulation_steps, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("score_sde", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
@@ -117,7 +116,7 @@ def main(args: argparse.Namespace) -> str:
     unlogged_loss, unlogged_steps = 0, 0
     state.model.train()
     while global_step < args.max_train_steps and not out_of_time:
-        unlogged_loss = unlogged_loss + train_step(args, accelerator, state, data, order, global_step)
+        unlogged_loss = unlogged_loss + train_step(args, accelerator, state, data, batches, global_step)
         unlogged_steps += 1
         global_step += 1
         progress.update(1)
@@ -136,7 +135,7 @@ def main(args: argparse.Namespace) -> str:
                             global_step, args.max_train_steps)
 
         if out_of_time or (global_step % args.checkpointing_steps == 0 and not finished):
-            save_checkpoint(accelerator, args, global_step, config)
+            save_checkpoint(accelerator, args, global_step, config, batches)
         if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
             with ema_weights(state.ema, state.unwrapped):
                 state.unwrapped.eval()

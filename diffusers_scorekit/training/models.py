@@ -38,10 +38,10 @@ UNET2D_PRESETS = {
 def build_model(args, data: TrainingData):
     if args.model == "scorekit_mlp":
         return ScoreMLP(
-            data_dim=data.examples.shape[1], hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+            data_dim=data.example_shape[0], hidden_dim=args.hidden_dim, num_layers=args.num_layers,
             prediction_type=args.prediction_type, timestep_type=args.timestep_type, num_class_embeds=args.num_classes,
         )
-    channels = data.examples.shape[1]
+    channels = data.example_shape[0]
     if args.model == "ncsn":
         options = {"block_out_channels": args.block_out_channels, "layers_per_block": args.layers_per_block}
         return NCSNScoreModel(

@@ -1,49 +1,21 @@
-"""One optimizer update, exactly reproducible: the order of the examples (``BatchOrder``) and every random draw
-of a micro-batch (``step_generator``) are functions of the seed, process and step only; ``prepare_training`` sets up
+"""One optimizer update, exactly reproducible: the micro-batches come from ``data.training_batches`` (their order
+and augmentation a function of the seed, process and micro-batch) and every other random draw of a micro-batch
+(``step_generator``) is a function of the seed, process and step only; ``prepare_training`` sets up
 the model, AdamW, the learning-rate schedule and the EMA with the speed switches ``resolve_speed`` decides, and
 ``train_step`` runs one update without waiting for the device."""
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ..losses import denoising_score_matching_loss, sample_time, sliced_score_matching_loss
 from ..score_function import ScoreFunction
 from .arguments import SPEED_SWITCHES
-from .data import TrainingData
+from .data import TrainingData, seed_of
 
 logger = logging.getLogger(__name__)
-
-
-def seed_of(*keys: int) -> int:
-    """A 63-bit seed derived from integers, well mixed (neighbouring keys give unrelated streams)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-class BatchOrder:
-    """Which examples go into each micro-batch: epoch ``e`` is a permutation seeded by ``(seed, e)``; a global
-    batch (all processes) is a slice of it and each process takes its part. Incomplete global batches at the end
-    of an epoch are skipped, so every micro-batch has the same size."""
-
-    def __init__(self, num_examples: int, batch_size: int, num_processes: int, process_index: int, seed: int):
-        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
-        self.num_processes, self.process_index = num_processes, process_index
-        self.batches_per_epoch = num_examples // (batch_size * num_processes)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_examples} examples, fewer than one batch of "
-                             f"{batch_size} x {num_processes} processes: lower --train_batch_size.")
-        self._epoch, self._permutation = None, None
-
-    def indices(self, micro_batch: int) -> torch.Tensor:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(seed_of(self.seed, 1, epoch))
-            self._epoch, self._permutation = epoch, torch.randperm(self.num_examples, generator=generator)
-        start = (position * self.num_processes + self.process_index) * self.batch_size
-        return self._permutation[start:start + self.batch_size]
 
 
 def step_generator(seed: int, process_index: int, step: int, micro_batch: int) -> torch.Generator:
@@ -161,22 +133,20 @@ def training_loss(args, score_fn: ScoreFunction, x0, class_labels, generator) ->
     )
 
 
-def make_batch(args, data: TrainingData, indices, generator, device):
-    """The micro-batch in model space, randomly flipped and with labels dropped to the null label, all drawn
-    from this micro-batch's ``generator``, on ``device`` (see ``to_device``)."""
-    x0 = data.to_model_space(data.examples[indices])
-    if args.random_flip and data.is_image:
-        flip = torch.rand(len(indices), generator=generator) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    labels = None
+def make_batch(args, data: TrainingData, examples: torch.Tensor, labels: Optional[torch.Tensor], generator, device):
+    """A micro-batch (as ``training_batches`` gives it) in model space, with labels dropped to the null label at
+    random (drawn from this micro-batch's ``generator``), on ``device`` (see ``to_device``)."""
+    x0 = data.to_model_space(examples)
     if args.num_classes is not None:
-        labels = data.labels[indices].clone()
-        labels[torch.rand(len(indices), generator=generator) < args.label_dropout] = args.num_classes
+        labels = labels.clone()
+        labels[torch.rand(len(labels), generator=generator) < args.label_dropout] = args.num_classes
         labels = to_device(labels, device)
+    else:
+        labels = None
     return to_device(x0, device, channels_last=bool(args.channels_last)), labels
 
 
-def train_step(args, accelerator, state: TrainingState, data: TrainingData, order: "BatchOrder",
+def train_step(args, accelerator, state: TrainingState, data: TrainingData, batches: Iterator,
                step: int) -> torch.Tensor:
     """Optimizer update number ``step`` (from 0): its micro-batches with gradient accumulation, clipping, AdamW,
     the learning-rate schedule and the EMA. Returns the sum of the micro-batch losses on the device, without
@@ -184,8 +154,7 @@ def train_step(args, accelerator, state: TrainingState, data: TrainingData, orde
     loss_sum = 0
     for micro_batch in range(args.gradient_accumulation_steps):
         generator = step_generator(args.seed, accelerator.process_index, step, micro_batch)
-        indices = order.indices(step * args.gradient_accumulation_steps + micro_batch)
-        x0, labels = make_batch(args, data, indices, generator, accelerator.device)
+        x0, labels = make_batch(args, data, *next(batches), generator, accelerator.device)
         with accelerator.accumulate(state.model):
             with accelerator.autocast():
                 loss = training_loss(args, state.score_fn, x0, labels, generator)
