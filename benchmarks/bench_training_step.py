@@ -134,9 +134,9 @@ def scorekit_step(args, switches_on, data, mixed_precision):
     training.resolve_speed(run, accelerator.device)
     set_seed(0)
     state = training.prepare_training(run, accelerator, training.build_model(run, data), training.training_sde(run))
-    order = training.BatchOrder(len(data.examples), run.train_batch_size, 1, 0, run.seed)
+    batches = training.training_batches(run, data, 1, 0, start=0)
     state.model.train()
-    return lambda i: training.train_step(run, accelerator, state, data, order, i)
+    return lambda i: training.train_step(run, accelerator, state, data, batches, i)
 
 
 def reference_step(args, data, mixed_precision):

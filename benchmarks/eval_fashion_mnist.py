@@ -18,6 +18,10 @@ and a grid of the best sampler at NFE <= 50.
 
     PYTHONPATH=. python benchmarks/eval_fashion_mnist.py --scorekit_pipeline outputs/fmnist-scorekit \\
         --ddpm_pipeline outputs/fmnist-ddpm --nfe 10 20 50 100 --num_samples 10000 --device cuda [--fashion_mnist_dir ...]
+
+Under ``accelerate launch`` (e.g. ``--multi_gpu --num_processes 8``) the images of every sampler are split over the
+processes, each image the one a single process would draw (batches seeded by their first index), and the main
+process scores them; the test-set bits/dim runs on the main process at the end.
 """
 
 import argparse
@@ -26,8 +30,11 @@ import math
 import os
 import time
 
+from typing import Optional
+
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 
@@ -37,6 +44,7 @@ from diffusers_scorekit import (
     ProbabilityFlowODEScheduler,
     ScoreSDEPipeline,
 )
+from diffusers_scorekit.distributed_sampling import draw_across_processes
 from diffusers_scorekit.metrics import FASHION_MNIST_DIR, fashion_mnist_score, read_fashion_mnist
 
 def scorekit_samplers(config):
@@ -61,30 +69,41 @@ def ddpm_samplers(config):
     }
 
 
-def draw(pipe, num_samples: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
-    """``num_samples`` images in [-1, 1], ``(n, 1, h, w)``, in batches (seeded per batch)."""
-    images = []
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        generator = torch.Generator(pipe.device).manual_seed(seed + start)
-        output = pipe(batch_size=count, generator=generator, **kwargs)
+def draw(pipe, num_samples: int, batch_size: int, seed: int, accelerator, **kwargs) -> Optional[torch.Tensor]:
+    """``num_samples`` images in [-1, 1], ``(n, 1, h, w)``, in batches seeded per batch and split over the
+    processes (``draw_across_processes``: the same images with any number of them); ``None`` off the main one."""
+
+    def make_batch(indices: range) -> torch.Tensor:
+        generator = torch.Generator(pipe.device).manual_seed(seed + indices.start)
+        output = pipe(batch_size=len(indices), generator=generator, **kwargs)
         batch = output.images if hasattr(output, "images") else output.samples
         batch = torch.as_tensor(np.asarray(batch)) if not torch.is_tensor(batch) else batch
         if batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3):  # NHWC numpy from DDPMPipeline
             batch = batch.permute(0, 3, 1, 2)
-        images.append(batch.float().cpu() * 2 - 1)
-    return torch.cat(images)
+        return batch.float().cpu() * 2 - 1
+
+    return draw_across_processes(make_batch, num_samples, batch_size, accelerator)
 
 
-def adaptive_draw(pipe, num_samples: int, batch_size: int, seed: int, tolerance: float):
-    images, nfes = [], []
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        generator = torch.Generator(pipe.device).manual_seed(seed + start)
-        output = pipe.sample_adaptive(count, rtol=tolerance, atol=tolerance, generator=generator, output_type="pt")
-        images.append(output.samples.float().cpu() * 2 - 1)
-        nfes.append(output.nfe)
-    return torch.cat(images), float(np.mean(nfes))
+def adaptive_draw(pipe, num_samples: int, batch_size: int, seed: int, tolerance: float, accelerator):
+    """Images as ``draw`` makes them, by the adaptive ODE, and its mean NFE per batch (``None, None`` off the main
+    process)."""
+    nfes = {}
+
+    def make_batch(indices: range) -> torch.Tensor:
+        generator = torch.Generator(pipe.device).manual_seed(seed + indices.start)
+        output = pipe.sample_adaptive(len(indices), rtol=tolerance, atol=tolerance, generator=generator,
+                                      output_type="pt")
+        nfes[indices.start] = output.nfe
+        return output.samples.float().cpu() * 2 - 1
+
+    images = draw_across_processes(make_batch, num_samples, batch_size, accelerator)
+    # each batch's NFE, gathered like the images (one row per image, read at each batch's first row)
+    nfe_rows = draw_across_processes(lambda indices: torch.full((len(indices),), float(nfes[indices.start])),
+                                     num_samples, batch_size, accelerator)
+    if images is None:
+        return None, None
+    return images, float(nfe_rows[::batch_size].mean())
 
 
 def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int, directory: str) -> float:
@@ -117,11 +136,15 @@ def main(argv=None):
     parser.add_argument("--output_dir", default="benchmarks/results/fashion_mnist")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    # under `accelerate launch` the images are split over its processes and scored by the main one
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = accelerator.device if accelerator.num_processes > 1 else torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     rows, grids = [], {}
 
     def score(model, sampler, nfe, images, seconds):
+        if not accelerator.is_main_process:
+            return
         result = fashion_mnist_score(images, directory=args.fashion_mnist_dir, device=args.device)
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seconds": seconds, **result})
         grids[(model, sampler, nfe)] = images[:64]
@@ -145,16 +168,13 @@ def main(argv=None):
         for nfe in args.nfe:
             steps = levels_for_nfe(scheduler, nfe)
             scheduler.set_timesteps(steps)
-            images, seconds = timed_draw(lambda: draw(pipe, args.num_samples, args.batch_size, args.seed,
+            images, seconds = timed_draw(lambda: draw(pipe, args.num_samples, args.batch_size, args.seed, accelerator,
                                                       num_inference_steps=steps, output_type="pt"))
             score("scorekit", name, len(scheduler.timesteps), images, seconds)
     for tolerance in args.adaptive_tolerance:
-        (images, nfe), seconds = timed_draw(lambda: adaptive_draw(pipe, args.num_samples, args.batch_size, args.seed, tolerance))
+        (images, nfe), seconds = timed_draw(lambda: adaptive_draw(pipe, args.num_samples, args.batch_size, args.seed, tolerance,
+                                                                   accelerator))
         score("scorekit", f"scorekit adaptive ODE (dopri5, tol {tolerance:g})", nfe, images, seconds)
-    bits_per_dim = None
-    if args.bpd_examples > 0:
-        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed, args.fashion_mnist_dir)
-        print(f"scorekit test-set bits/dim ({args.bpd_examples} images, {pipe.sample_shape[-1]} px): {bits_per_dim:.3f}")
 
     if args.ddpm_pipeline:
         ddpm = DDPMPipeline.from_pretrained(args.ddpm_pipeline).to(device)
@@ -169,11 +189,18 @@ def main(argv=None):
                     steps = levels_for_nfe(scheduler, nfe)
                 else:
                     ddpm.scheduler, steps = scheduler, nfe
-                images, seconds = timed_draw(lambda: draw(ddpm, args.num_samples, args.batch_size, args.seed,
+                images, seconds = timed_draw(lambda: draw(ddpm, args.num_samples, args.batch_size, args.seed, accelerator,
                                                           num_inference_steps=steps, output_type="np"))
                 ddpm.scheduler.set_timesteps(steps)
                 score("ddpm", name, len(ddpm.scheduler.timesteps), images, seconds)
 
+    if not accelerator.is_main_process:
+        return None
+    # on the main process only, once the others are done
+    bits_per_dim = None
+    if args.bpd_examples > 0:
+        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed, args.fashion_mnist_dir)
+        print(f"scorekit test-set bits/dim ({args.bpd_examples} images, {pipe.sample_shape[-1]} px): {bits_per_dim:.3f}")
     best = min((row for row in rows if row["model"] == "scorekit" and row["nfe"] <= 50),
                key=lambda row: row["frechet_distance"])
     grid_images = grids[(best["model"], best["sampler"], best["nfe"])]

@@ -2,6 +2,8 @@
 
     scorekit train --dataset two_moons --max_train_steps 3000 --output_dir moons     # train_score_sde.py's arguments
     scorekit sample moons --scheduler ProbabilityFlowODEScheduler --num_inference_steps 50 --output moons.png
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m diffusers_scorekit.cli sample fmnist \
+        --num_images 1000 --output fmnist-samples.npz                                 # 2 CPU processes
     scorekit demo --output_dir outputs/scorekit-demo                                   # two moons, 1-3 minutes
     scorekit demo --data fashion_mnist                                                # a few minutes
     scorekit likelihood moons --num_examples 500
@@ -20,6 +22,7 @@ import torch
 from . import schedulers as scorekit_schedulers
 from . import training
 from .demo import scatter_image
+from .distributed_sampling import sample_across_processes
 from .pipelines import ScoreSDEPipeline
 from .schedulers.scheduling_utils import SCOREKIT_SCHEDULERS
 
@@ -55,32 +58,51 @@ def training_config_of(path: str) -> Optional[dict]:
 
 
 def sample_command(args) -> None:
+    """Sample to a PNG (grid or scatter plot), .npy, .npz or a folder of PNGs. Under ``accelerate launch`` the
+    samples are split over the processes; sample ``i`` is the same with any number of them
+    (``distributed_sampling``), and the main process writes the output."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
     pipe = load_pipeline(args.pipeline, args.scheduler)
     if args.num_samples is None:
         args.num_samples = 16 if pipe.is_image_model else 2000
-    if args.output.endswith(".npy"):
-        samples = pipe(args.num_samples, args.num_inference_steps, torch.Generator().manual_seed(args.seed),
-                       class_labels=class_labels(pipe, args), output_type="np")
-        np.save(args.output, samples.images if pipe.is_image_model else samples.samples)
+    output = Path(args.output)
+    if not pipe.is_image_model and output.suffix not in (".npy", ".npz", ".png"):
+        raise SystemExit(f"--output {output}: a folder of PNGs needs an image model; write .npy, .npz or .png.")
+    if output.suffix == ".png" and not pipe.is_image_model and pipe.sample_shape != (2,):
+        raise SystemExit(f"a PNG needs images or 2-D points, this model samples shape {pipe.sample_shape}; "
+                         "write an .npy file instead (--output samples.npy).")
+    samples = sample_across_processes(pipe, args.num_samples, args.num_inference_steps, args.seed, args.batch_size,
+                                      accelerator, class_labels(pipe, args))
+    if not accelerator.is_main_process:
+        return
+    if output.suffix == ".npy":
+        np.save(output, samples)
+    elif output.suffix == ".npz":
+        np.savez(output, **({"images": to_uint8(samples)} if pipe.is_image_model else {"samples": samples}))
+    elif pipe.is_image_model and output.suffix == ".png":
+        training.image_grid(pipe.numpy_to_pil(samples)).save(output)
     elif pipe.is_image_model:
-        images = pipe(args.num_samples, args.num_inference_steps, torch.Generator().manual_seed(args.seed),
-                      class_labels=class_labels(pipe, args)).images
-        training.image_grid(images).save(args.output)
-    elif pipe.sample_shape == (2,):
-        points = pipe(args.num_samples, args.num_inference_steps, torch.Generator().manual_seed(args.seed),
-                      class_labels=class_labels(pipe, args), output_type="pt").samples
+        output.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(pipe.numpy_to_pil(samples)):
+            image.save(output / f"{index:06d}.png")
+    else:
+        points = torch.from_numpy(samples)
         config = training_config_of(args.pipeline)
         normalization = config and config["data"]["normalization"]
         if normalization:
             # plot in data units: the model works on standardised points
             points = points * torch.tensor(normalization["std"]) + torch.tensor(normalization["mean"])
         title = f"{type(pipe.scheduler).__name__}, {args.num_inference_steps} steps"
-        scatter_image([(points, title)], extent=training.TOY_PLOT_EXTENT).save(args.output)
-    else:
-        raise SystemExit(f"a PNG needs images or 2-D points, this model samples shape {pipe.sample_shape}; "
-                         "write an .npy file instead (--output samples.npy).")
-    print(f"wrote {args.output} ({args.num_samples} samples, {type(pipe.scheduler).__name__}, "
-          f"{len(pipe.scheduler.timesteps)} model evaluations)")
+        scatter_image([(points, title)], extent=training.TOY_PLOT_EXTENT).save(output)
+    print(f"wrote {output} ({args.num_samples} samples, {type(pipe.scheduler).__name__}, "
+          f"{len(pipe.scheduler.timesteps)} model evaluations, {accelerator.num_processes} process(es))")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] to uint8, rounded as ``numpy_to_pil`` rounds them."""
+    return (images * 255).round().astype(np.uint8)
 
 
 def class_labels(pipe: ScoreSDEPipeline, args) -> Optional[torch.Tensor]:
@@ -173,14 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a model (see `scorekit train --help`)", add_help=False)
 
-    sample = commands.add_parser("sample", help="sample a pipeline folder or Hub repo to a PNG (or .npy)")
+    sample = commands.add_parser(
+        "sample", help="sample a pipeline folder or Hub repo to a PNG, .npy, .npz or a folder of PNGs; under "
+        "`accelerate launch`, over all its processes")
     sample.add_argument("pipeline", help="a folder written by save_pretrained, or a Hub repo id")
     sample.add_argument("--scheduler", choices=SCOREKIT_SCHEDULERS, help="replace the saved scheduler")
     sample.add_argument("--num_inference_steps", type=int, default=100)
-    sample.add_argument("--num_samples", type=int, default=None, help="default: 2000 points or 16 images")
+    sample.add_argument("--num_samples", "--num_images", type=int, default=None,
+                        help="default: 2000 points or 16 images")
+    sample.add_argument("--batch_size", type=int, default=64, help="samples per model call (per process)")
     sample.add_argument("--class_label", type=int, default=None, help="for a class-conditional model")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--output", default="samples.png", help=".png (grid or scatter plot) or .npy")
+    sample.add_argument("--output", default="samples.png",
+                        help=".png (grid or scatter plot), .npy (floats), .npz (uint8 images or float points) or a "
+                             "folder (one PNG per image, 000000.png on)")
 
     demo = commands.add_parser("demo", help="train a small model on the CPU and compare the samplers")
     demo.add_argument("--data", choices=("two_moons", "fashion_mnist"), default="two_moons")

@@ -106,7 +106,8 @@ def test_channels_last_and_fused_adamw_resume_to_identical_weights(image_folder,
 
     args = training.parse_args([*options, "--output_dir", str(tmp_path / "resumed")])
     data = training.load_data(args)
-    x0, _ = training.make_batch(args, data, torch.arange(4), torch.Generator().manual_seed(0), "cpu")
+    examples, labels = next(training.training_batches(args, data, 1, 0, start=0))
+    x0, _ = training.make_batch(args, data, examples, labels, torch.Generator().manual_seed(0), "cpu")
     assert x0.is_contiguous(memory_format=torch.channels_last) and not x0.is_contiguous()
 
     training.main(training.parse_args([*options, "--output_dir", str(tmp_path / "resumed"),
