@@ -52,6 +52,21 @@ def image_folder(root: Path, sizes=((10, 14), (12, 9), (8, 8)), per_class: int =
     return root
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "imagefolder"], "--dataset imagefolder reads --train_data_dir"),
+        (["--train_data_dir", "x", "--center_crop", "--random_crop"], "exclude each other"),
+        (["--dataset", "two_moons", "--streaming"], "--streaming streams --train_data_dir or --dataset_name"),
+        (["--train_data_dir", "x", "--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+    ],
+)
+def test_bad_data_options_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        training.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_transforms_draw_from_the_generator_only():
     """Crops and flips are torchvision v2 ops whose offsets come from the micro-batch's generator: a 2x4 image
     resized (short side 2) and cropped at a random offset in 0..2, then flipped, in exactly the drawn order."""
