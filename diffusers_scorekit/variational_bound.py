@@ -31,7 +31,12 @@ With the exact score its expectation over the data is ``h(x_eps / a_eps) + KL(p_
 entropy after smoothing by ``N(0, (sigma_eps / a_eps)^2 I)`` plus the prior mismatch, tight as ``eps -> 0`` up to
 the latter. The integral is a Monte Carlo estimate over ``t``, importance-sampled as in likelihood-weighted
 training (density ``g^2 / sigma^2``, i.e. ``log SNR`` uniform, where the weighted error is ``|eps_theta - z|^2``
-times a constant), with its standard error.
+times a constant), stratified in ``t`` (two draws per stratum, which give the standard error) and with the
+control variate ``|z|^2 - D`` (see ``continuous_variational_bound``): on the tests' 16-dimensional Gaussian these
+cut the noise per example about eightfold against plain draws.
+
+For a low-dimensional toy the per-example noise is large (~0.4 bits/dim at 16 times in 16 dimensions); it falls
+like ``1 / sqrt(D)``, so on images a few dozen times per image suffice.
 
 **Data conventions**, both reporting an upper bound on ``-log2 P(k) / D`` for 8-bit data ``k`` in
 ``{0..255}^D`` (so the two bounds and ``log_likelihood(..., data="8bit")`` are the same quantity):
@@ -142,6 +147,9 @@ def _denoising_errors(score_fn: ScoreFunction, x: torch.Tensor, times: torch.Ten
         with torch.no_grad():
             output = score_fn.model_output(x_t, t)
         if split_output:
+            if output.shape[1] != 2 * x.shape[1]:
+                _fail("variance_type", "learned_range", f"the model outputs {output.shape[1]} channels for "
+                      f"{x.shape[1]}; a learned-range model outputs twice the input's channels (eps, then v)")
             output, variance_output = output.chunk(2, dim=1)
             variance_outputs.append(variance_output.to(torch.float64))
         epsilon, _ = score_fn.epsilon_and_sample(x_t, t, model_output=output)
@@ -152,11 +160,11 @@ def _denoising_errors(score_fn: ScoreFunction, x: torch.Tensor, times: torch.Ten
     return torch.cat(errors).reshape(shape), torch.cat(noise_norms).reshape(times.shape), variance_output
 
 
-def _check_common(score_fn, x, data, num_time_samples, batch_size, minimum_samples):
+def _check_common(x, data, num_time_samples, batch_size):
     _check_batch("x", x)
     _check_choice("data", data, DATA_TYPES)
-    if num_time_samples is not None and not (isinstance(num_time_samples, int) and num_time_samples >= minimum_samples):
-        _fail("num_time_samples", num_time_samples, f"it must be an int >= {minimum_samples} (2 for a standard error)")
+    if num_time_samples is not None and not (isinstance(num_time_samples, int) and num_time_samples >= 2):
+        _fail("num_time_samples", num_time_samples, "it must be an int >= 2 (two draws give a standard error)")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         _fail("batch_size", batch_size, "it must be a positive int")
 
@@ -202,7 +210,7 @@ def ddpm_variational_bound(
         batch_size: network inputs per model call (examples times timesteps are flattened into one batch).
         generator: draws the timesteps and the forward noise (on the CPU).
     """
-    _check_common(score_fn, x, data, num_time_samples, batch_size, minimum_samples=2)
+    _check_common(x, data, num_time_samples, batch_size)
     _check_choice("variance_type", variance_type, VARIANCE_TYPES)
     sde = score_fn.sde
     if not is_ddpm_schedule(sde):
@@ -298,7 +306,7 @@ def continuous_variational_bound(
         batch_size: network inputs per model call.
         generator: draws the times and the forward noise (on the CPU).
     """
-    _check_common(score_fn, x, data, num_time_samples, batch_size, minimum_samples=2)
+    _check_common(x, data, num_time_samples, batch_size)
     if num_time_samples % 2:
         _fail("num_time_samples", num_time_samples, "it must be even (two draws per stratum)")
     if data == "8bit" and not -1 <= x.min().item() <= x.max().item() <= 1:

@@ -10,6 +10,7 @@ mixture's closed-form densities.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -306,9 +307,27 @@ def test_bad_arguments_are_named():
         ddpm_variational_bound(score_fn, x_0, num_time_samples=1)
     with pytest.raises(ValueError, match="8-bit grid"):
         ddpm_variational_bound(score_fn, x_0, data="8bit")
+    with pytest.raises(ValueError, match="learned_range"):
+        ddpm_variational_bound(score_fn, x_0, variance_type="learned_range")
+    with pytest.raises(ValueError, match="even"):
+        continuous_variational_bound(score_fn, x_0, num_time_samples=5)
     with pytest.raises(ValueError, match="score_fn.sde"):
         ddpm_variational_bound(oracle(GAUSSIAN, VPSDE()), x_0)
     with pytest.raises(ValueError, match="data"):
         continuous_variational_bound(score_fn, x_0, data="16bit")
     with pytest.raises(ValueError, match="images"):
         to_bin_centres(torch.tensor([0.5]))
+
+
+def test_cli_likelihood_elbo(tmp_path, capsys):
+    from diffusers_scorekit import cli
+
+    cli.main(["train", "--dataset", "two_moons", "--num_toy_samples", "500", "--hidden_dim", "16", "--num_layers", "1",
+              "--train_batch_size", "32", "--max_train_steps", "4", "--checkpointing_steps", "4",
+              "--num_inference_steps", "2", "--num_eval_samples", "16", "--eval_likelihood_samples", "0",
+              "--output_dir", str(tmp_path)])
+    capsys.readouterr()
+    cli.main(["likelihood", str(tmp_path), "--method", "elbo", "--num_examples", "8", "--num_time_samples", "4"])
+    line = capsys.readouterr().out
+    assert re.search(r"bits/dim: -?\d+\.\d{3} ± \d\.\d{3} \(continuous, in data units, 8 examples, continuous-time bound, "
+                     r"4 times per example\)", line), line
