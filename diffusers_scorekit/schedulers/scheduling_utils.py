@@ -311,7 +311,8 @@ _IMPLIED = {
         "predictor": "reverse_diffusion",
         "corrector": "langevin",
     },
-    "DDPMScheduler": {"sde_type": "vp", "timestep_type": "discrete", "sampling_eps": 0.0, "time_spacing": "uniform"},
+    # sampling_eps stays the class default None: 0 (the first training step) on a discrete schedule
+    "DDPMScheduler": {"sde_type": "vp", "timestep_type": "discrete", "time_spacing": "uniform"},
 }
 _FAMILY_SDE_TYPES = {"ScoreSdeVeScheduler": ("ve",), "DDPMScheduler": ("vp", "subvp")}
 
@@ -348,7 +349,7 @@ def translate_config(config: dict, target_cls) -> dict:
         owned_keys = (
             ConfigMixin._get_init_keys(getattr(diffusers_library, named))
             if named in _DIFFUSERS_COMPATIBLES
-            else _diffusers_init_keys()
+            else _diffusers_init_keys(family)
         )
         if family == "ScoreSdeVeScheduler":
             owned = _translate_score_sde_ve(full)
@@ -377,13 +378,13 @@ def translate_config(config: dict, target_cls) -> dict:
     return translated
 
 
-def _diffusers_init_keys() -> set:
-    """Every field name of the diffusers schedulers we translate."""
+def _diffusers_init_keys(family: str) -> set:
+    """Every field name of the diffusers schedulers of ``family`` (ScoreSdeVe, or the DDPM family)."""
     diffusers_library = importlib.import_module("diffusers")
+    names = [family] if family == "ScoreSdeVeScheduler" else [n for n in _DIFFUSERS_COMPATIBLES if n != "ScoreSdeVeScheduler"]
     keys = set()
-    for name in _DIFFUSERS_COMPATIBLES:
-        cls = getattr(diffusers_library, name)
-        keys |= ConfigMixin._get_init_keys(cls)
+    for name in names:
+        keys |= ConfigMixin._get_init_keys(getattr(diffusers_library, name))
     return keys
 
 
