@@ -635,8 +635,9 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         a loop over a slice of ``timesteps`` does not need to (see ``step``)."""
         if self._stages is None:
             raise ValueError("set_begin_index was called before set_timesteps.")
-        if not (_is_int(begin_index) and 0 <= begin_index < len(self._stages)):
-            _fail("begin_index", begin_index, f"it must be an integer in [0, {len(self._stages)})")
+        # len(timesteps) begins an empty loop: img2img pipelines then report that strength left no step
+        if not (_is_int(begin_index) and 0 <= begin_index <= len(self._stages)):
+            _fail("begin_index", begin_index, f"it must be an integer in [0, {len(self._stages)}]")
         self._begin_index = int(begin_index)
         self._step_index = None
         self._kept = {}
