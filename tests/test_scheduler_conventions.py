@@ -392,5 +392,7 @@ def test_bad_step_inputs():
         scheduler.step(x, t, torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="model_output is on meta but sample is on cpu"):
         scheduler.step(torch.empty(2, 2, device="meta"), t, x)
+    with pytest.raises(TypeError, match="original_samples must be a floating-point tensor, got torch.uint8"):
+        scheduler.add_noise(torch.ones(2, 2, dtype=torch.uint8), x, t)
     with pytest.raises(ValueError, match=r"the sample passed to step 0 of 3 .*NaN or Inf"):
         scheduler.step(x, t, torch.tensor([[1.0, math.inf], [0.0, 0.0]]))

@@ -893,6 +893,9 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``a(t) x_0 + sigma(t) noise`` at the times that ``timesteps`` (values per ``timestep_type``) denote."""
+        for name, tensor in (("original_samples", original_samples), ("noise", noise)):
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                raise TypeError(f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}.")
         if not torch.is_tensor(timesteps):
             timesteps = torch.as_tensor(timesteps)
         t = t_from_timestep(
