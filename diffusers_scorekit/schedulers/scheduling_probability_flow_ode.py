@@ -132,4 +132,6 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         # heun_correct: the step from the previous level redone with the average of both slopes
         start, level = self._levels[stage.level - 1], self._levels[stage.level]
         start_sample_0 = LinearCombination.symbol("start_sample_0")
-        return probability_flow_heun_correction(x, sample_0, start_sample_0, level.a, level.noise_ratio, start.noise_ratio)
+        return probability_flow_heun_correction(
+            x, sample_0, start_sample_0, level.a, level.noise_ratio, start.noise_ratio
+        )

@@ -254,7 +254,7 @@ def _translate_ddpm_family(full: Mapping, source: str, owned_keys: set) -> dict:
         raise ValueError(f"{field}={full.get(field)!r} in the {source} config is not supported: {why}.")
 
     if full.get("rescale_betas_zero_snr"):
-        refuse("rescale_betas_zero_snr", "zero terminal SNR puts sigma / a = inf at t = 1, where no score SDE can start")
+        refuse("rescale_betas_zero_snr", "zero terminal SNR puts sigma / a = inf at t = 1, where no SDE can start")
     for field in ("use_exponential_sigmas", "use_beta_sigmas"):
         if full.get(field):
             refuse(field, "scorekit spaces levels uniformly in t, in log-SNR or by Karras' rho (use_karras_sigmas)")
@@ -339,13 +339,13 @@ def translate_config(config: dict, target_cls) -> dict:
     family = None
     if source == "ScoreSdeVeScheduler":
         family = "ScoreSdeVeScheduler"
-    elif source in _DIFFUSERS_COMPATIBLES or (source is None and ("beta_schedule" in config or "trained_betas" in config)):
+    elif source in _DIFFUSERS_COMPATIBLES or (source is None and {"beta_schedule", "trained_betas"} & set(config)):
         family = "DDPMScheduler"
     if family is not None:
+        diffusers_library = importlib.import_module("diffusers")
         full = dict(config)
         if named in _DIFFUSERS_COMPATIBLES:  # a saved config leaves out its defaults: let its class fill them in
-            full.update(getattr(importlib.import_module("diffusers"), named).from_config(config).config)
-        diffusers_library = importlib.import_module("diffusers")
+            full.update(getattr(diffusers_library, named).from_config(config).config)
         owned_keys = (
             ConfigMixin._get_init_keys(getattr(diffusers_library, named))
             if named in _DIFFUSERS_COMPATIBLES
@@ -364,8 +364,8 @@ def translate_config(config: dict, target_cls) -> dict:
         config.setdefault("sde_type", "ve")
     sde_type = config.get("sde_type", "ve")
     if sde_type not in target_cls._supported_sde_types:
-        runs = "PredictorCorrectorScheduler, ProbabilityFlowODEScheduler" + (
-            ", VEEulerMaruyamaScheduler, AnnealedLangevinScheduler" if sde_type == "ve" else ", VPEulerMaruyamaScheduler"
+        runs = "PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, " + (
+            "VEEulerMaruyamaScheduler, AnnealedLangevinScheduler" if sde_type == "ve" else "VPEulerMaruyamaScheduler"
         )
         raise ValueError(
             f"{target_cls.__name__} runs sde_type in {target_cls._supported_sde_types}, but the config "
@@ -381,7 +381,10 @@ def translate_config(config: dict, target_cls) -> dict:
 def _diffusers_init_keys(family: str) -> set:
     """Every field name of the diffusers schedulers of ``family`` (ScoreSdeVe, or the DDPM family)."""
     diffusers_library = importlib.import_module("diffusers")
-    names = [family] if family == "ScoreSdeVeScheduler" else [n for n in _DIFFUSERS_COMPATIBLES if n != "ScoreSdeVeScheduler"]
+    if family == "ScoreSdeVeScheduler":
+        names = [family]
+    else:
+        names = [name for name in _DIFFUSERS_COMPATIBLES if name != "ScoreSdeVeScheduler"]
     keys = set()
     for name in names:
         keys |= ConfigMixin._get_init_keys(getattr(diffusers_library, name))
@@ -524,12 +527,14 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                            ("sigmas", sigmas)) if value is not None]
         if len(given) != 1:
-            raise ValueError(f"set_timesteps takes exactly one of num_inference_steps, timesteps or sigmas; got {given}.")
+            raise ValueError(
+                f"set_timesteps takes exactly one of num_inference_steps, timesteps or sigmas; got {given}."
+            )
         if num_inference_steps is not None:
             self._check_num_levels("num_inference_steps", num_inference_steps)
             times = as_time(self._level_times(int(num_inference_steps)))
         else:
-            times = self._custom_times("timesteps" if timesteps is not None else "sigmas", timesteps if timesteps is not None else sigmas)
+            times = self._custom_times(given[0], timesteps if timesteps is not None else sigmas)
         num_levels = len(times)
         a, sigma = self.sde.marginal(times)
         timestep_values = timestep_from_t(
@@ -546,7 +551,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         self._levels = [Level(*column) for column in columns]
         stages = self._make_stages(num_levels)
         if not stages:
-            _fail(given[0], num_levels, "with denoise_final=False this scheduler needs at least 2 levels to take a step")
+            _fail(given[0], num_levels, "with denoise_final=False this scheduler needs 2 levels to take a step")
         self._stages = stages
         self._plans = [self._plan(stage) for stage in stages]
         self.timesteps = torch.tensor(
@@ -592,7 +597,8 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             convert = lambda v: t_from_timestep(v, self.sde, config.timestep_type,  # noqa: E731
                                                 config.get("num_train_timesteps", 1000))
         tolerance = 1e-6 * max(abs(low), abs(high))
-        if not (values[0] <= high + tolerance and values[-1] >= low - tolerance) or (field == "sigmas" and values[-1] <= 0):
+        in_range = values[0] <= high + tolerance and values[-1] >= low - tolerance
+        if not in_range or (field == "sigmas" and values[-1] <= 0):
             _fail(field, values.tolist(), f"its values must lie in [{low:.6g}, {high:.6g}] (t from 0 to 1)"
                   + (" and be positive: the final step to sigma = 0 is denoise_final's" if field == "sigmas" else ""))
         times = convert(values).clamp(0.0, 1.0)
@@ -752,7 +758,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _raise_nonfinite(self, index: int, sample: Optional[torch.Tensor] = None):
         level = self.level_of(index)
-        where = f"step {index} of {len(self._stages)} (t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
+        where = (
+            f"step {index} of {len(self._stages)} "
+            f"(t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
+        )
         if sample is not None and not torch.isfinite(sample).all():
             raise ValueError(f"the sample passed to {where} contains NaN or Inf.")
         what = "model output (or the sample entering the loop)" if index == self._begin_index else "model output"
@@ -895,7 +904,8 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         """``a(t) x_0 + sigma(t) noise`` at the times that ``timesteps`` (values per ``timestep_type``) denote."""
         for name, tensor in (("original_samples", original_samples), ("noise", noise)):
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
-                raise TypeError(f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}.")
+                kind = getattr(tensor, "dtype", type(tensor).__name__)
+                raise TypeError(f"{name} must be a floating-point tensor, got {kind}.")
         if not torch.is_tensor(timesteps):
             timesteps = torch.as_tensor(timesteps)
         t = t_from_timestep(
