@@ -339,9 +339,10 @@ def test_noise_scale_zero_is_exact_score_ascent():
     scheduler = AnnealedLangevinScheduler(num_annealed_steps=3, step_lr=1e-3, sigma_min=0.1, noise_scale=0.0)
     model = exact_score_model(gaussian, scheduler)
     x = torch.randn(5, 2, dtype=torch.float64)
-    scheduler.set_timesteps(4)
-    samples = [loop(scheduler, model, x, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)
-               if scheduler.set_timesteps(4) is None]
+    samples = []
+    for seed in (0, 1):
+        scheduler.set_timesteps(4)
+        samples.append(loop(scheduler, model, x, generator=torch.Generator().manual_seed(seed)))
     factor = 1.0
     for i in range(len(scheduler.timesteps)):
         sigma = scheduler.level_of(i).sigma
