@@ -175,7 +175,7 @@ def test_shapes_dtypes_generators_and_batches(name):
     exact = exact_score_model(GaussianMixture.ring(std=0.5), scheduler)  # smooth enough for half precision
     model = lambda x, t: exact(x.float(), t).to(x.dtype)  # noqa: E731
     generators = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
-    initial = torch.randn(3, 2) * scheduler.init_noise_sigma
+    initial = torch.randn(3, 2, generator=torch.Generator().manual_seed(5)) * scheduler.init_noise_sigma
     steps = 10  # accurate enough that half-precision rounding is not amplified
     scheduler.set_timesteps(steps)
     full = loop(scheduler, model, initial, generator=generators())
@@ -185,7 +185,8 @@ def test_shapes_dtypes_generators_and_batches(name):
         torch.testing.assert_close(single[0], full[i], rtol=1e-5, atol=1e-5)
     scheduler.set_timesteps(steps)
     torch.testing.assert_close(loop(scheduler, model, initial, generator=generators()), full, rtol=0, atol=0)
-    for dtype, tolerance in ((torch.float16, 0.01), (torch.bfloat16, 0.04)):
+    # bfloat16 keeps 8 bits: VE's start at sigma_max = 50 is rounded by up to 0.2, mostly contracted by the end
+    for dtype, tolerance in ((torch.float16, 0.01), (torch.bfloat16, 0.1)):
         scheduler.set_timesteps(steps)
         low = loop(scheduler, model, initial.to(dtype), generator=generators())
         assert low.dtype == dtype
