@@ -107,7 +107,7 @@ def likelihood_command(args) -> None:
     data = training.load_data(run)
     pipe = load_pipeline(args.pipeline)
     start = time.perf_counter()
-    bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed)
+    bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed, progress=True)
     print(f"bits/dim: {bits_per_dim} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -201,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # `train` hands everything after it to the training script's own parser (and its --help)
     if argv[:1] == ["train"]:
-        training.main(training.parse_args(argv[1:]))
+        training.command_line(argv[1:])
         return
     args = build_parser().parse_args(argv)
     if args.command == "sample":

@@ -48,8 +48,12 @@ def toy_pipeline(tmp_path_factory):
 
 def test_toy_run_saves_a_loadable_pipeline_with_model_card(toy_pipeline):
     assert (toy_pipeline / WEIGHTS).is_file()
-    # pickles only inside accelerate's checkpoints (optimizer.bin), never in the pipeline itself
-    assert not [p for p in toy_pipeline.rglob("*.bin") if "checkpoint-" not in str(p)]
+    # no pickles anywhere, and the checkpoints outside the pipeline folder
+    checkpoints = training.checkpoints_dir(toy_pipeline)
+    assert checkpoints == toy_pipeline.parent / f"{toy_pipeline.name}-checkpoints"
+    assert not [p for folder in (toy_pipeline, checkpoints) for p in folder.rglob("*")
+                if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
+    assert not list(toy_pipeline.rglob("checkpoint-*"))
     assert (toy_pipeline / training.SAMPLE_IMAGE_NAME).is_file()
     assert [p.name for p in training.list_checkpoints(toy_pipeline)] == ["checkpoint-20"]
 
@@ -96,8 +100,8 @@ def test_checkpoints_total_limit_and_atomic_rename(tmp_path):
                                 "--checkpoints_total_limit", "2", "--output_dir", str(tmp_path)])
     training.main(args)
     assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
-    assert not list(tmp_path.glob(".checkpoint-*"))
-    saved = json.loads((tmp_path / "checkpoint-6" / training.RUN_CONFIG_NAME).read_text())
+    assert not list(training.checkpoints_dir(tmp_path).glob(".checkpoint-*"))
+    saved = json.loads((training.checkpoints_dir(tmp_path) / "checkpoint-6" / training.RUN_CONFIG_NAME).read_text())
     assert saved["model"]["class"] == "ScoreMLP" and saved["sde"]["sde_type"] == "ve"
 
 
@@ -196,11 +200,13 @@ def test_push_to_hub_failure_says_where_the_files_are(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     args = training.parse_args([*TINY_TOY, "--push_to_hub", "--hub_model_id", "someone/moons",
                                 "--output_dir", str(tmp_path)])
-    with pytest.raises(RuntimeError, match=f"Nothing is lost: .* are in {tmp_path}"):
+    with pytest.raises(RuntimeError, match=f"Nothing is lost: .* are in {tmp_path}") as error:
         training.push_to_hub(args)
+    assert (f'`hf upload someone/moons {tmp_path} --exclude "samples/*" --exclude "logs/*" '
+            f'--exclude "checkpoint-*" --exclude ".*"`') in str(error.value)
 
 
 def test_cli_sample_writes_scatter_and_npy(toy_pipeline, tmp_path):
@@ -230,8 +236,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         env_extra={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    assert {p.name for p in (tmp_path / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl"}
+    assert "2 process(es) on cpu, global batch 256 (64 per process x 2 process(es) x 2 accumulation" in result.stderr
+    assert {p.name for p in (training.checkpoints_dir(tmp_path) / "checkpoint-3").iterdir()} >= {
+        "random_states_0.safetensors", "random_states_1.safetensors"}
     assert (tmp_path / WEIGHTS).is_file()
 
 

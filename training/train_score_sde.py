@@ -5,7 +5,7 @@
     python training/train_score_sde.py --help
 """
 
-from diffusers_scorekit.training import main, parse_args
+from diffusers_scorekit.training import command_line
 
 if __name__ == "__main__":
-    main(parse_args())
+    command_line()
