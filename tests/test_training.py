@@ -71,6 +71,43 @@ def test_toy_run_saves_a_loadable_pipeline_with_model_card(toy_pipeline):
     assert samples.shape == (32, 2) and np.isfinite(samples).all()
 
 
+def card_table(card, heading: str) -> dict:
+    """The rows of the two-column table under ``## heading`` of a model card."""
+    section = card.text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {key.strip().strip("`"): value.strip().strip("`") for key, value in rows[1:]}
+
+
+def test_model_card_figures_are_those_of_the_saved_pipeline(toy_pipeline):
+    """Every figure of the card recomputed from the saved pipeline: the samples (same seed and steps), their
+    coverage and precision against the held-out points, the bits/dim; and its usage code and settings."""
+    card = ModelCard.load(toy_pipeline / "README.md")
+    metrics = card_table(card, "Metrics")
+    args = training.parse_args([*TINY_TOY, "--max_train_steps", "40", "--use_ema", "--eval_likelihood_samples", "20",
+                                "--output_dir", str(toy_pipeline)])
+    data = training.load_data(args)
+    pipe = ScoreSDEPipeline.from_pretrained(toy_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    samples = training.sample_pipeline(pipe, 64, 5, 0, is_image=False)
+    scores = training.knn_coverage(data.held_out, samples)
+    assert metrics["coverage (5-NN, 2000 held-out points)"] == f"{scores['coverage']:.3f}"
+    assert metrics["precision (5-NN)"] == f"{scores['precision']:.3f}"
+    assert metrics["bits/dim"] == training.likelihood_metric(pipe, data, 20, 0)
+    assert metrics["training length"].startswith("40 of 40 steps, ")
+
+    # the usage code loads by name (no local absolute path) and passes the generator it makes
+    assert f'ScoreSDEPipeline.from_pretrained("{toy_pipeline.name}")' in card.text
+    assert str(toy_pipeline.parent) not in card.text
+    assert "samples = pipe(batch_size=2000, num_inference_steps=5, generator=generator).samples" in card.text
+    # settings that applied, and only those
+    settings = card_table(card, "Training")
+    assert settings["dataset"] == "two_moons" and settings["num_toy_samples"] == "2000"
+    assert settings["ema_decay"] == "0.999" and settings["weighting"] == "sigma2"
+    for absent in ("resolution", "center_crop", "random_flip", "image_column", "label_dropout", "num_projections",
+                   "train_data_dir", "gradient_accumulation_steps", "sample quality"):
+        assert absent not in settings and absent not in metrics, absent
+
+
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     """SIGKILL between checkpoints, resume from the latest: bit-for-bit the weights of an uninterrupted run
     (EMA and gradient accumulation included)."""
@@ -179,6 +216,12 @@ def test_class_conditional_image_folder_run(tmp_path):
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert "`0` cats, `1` dogs" in card.text and "class_labels=labels" in card.text
+    assert "generator=generator, class_labels=labels, guidance_scale=2.0" in card.text
+    # no quality figure was measured, and the card says so
+    assert card_table(card, "Metrics")["sample quality"].startswith(training.NO_QUALITY_FIGURE + " (bits/dim: ")
+    settings = card_table(card, "Training")
+    assert settings["label_dropout"] == "0.1" and settings["resolution"] == "8" and settings["random_flip"] == "True"
+    assert "num_toy_samples" not in settings and "ema_decay" not in settings
     assert Image.open(output_dir / training.SAMPLE_IMAGE_NAME).size == (16, 16)
 
 

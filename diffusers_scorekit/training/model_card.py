@@ -150,7 +150,8 @@ def push_to_hub(args) -> str:
         repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
         api.upload_folder(repo_id=repo_id, folder_path=args.output_dir,
                           commit_message="Upload score-based model trained with diffusers_scorekit",
-                          allow_patterns=UPLOAD_ALLOW_PATTERNS, ignore_patterns=UPLOAD_IGNORE_PATTERNS)
+                          # copies: upload_folder appends its own patterns to the lists it gets
+                          allow_patterns=list(UPLOAD_ALLOW_PATTERNS), ignore_patterns=list(UPLOAD_IGNORE_PATTERNS))
     except Exception as error:  # network, authentication and permission errors come in many types
         raise RuntimeError(
             f"pushing to the Hub repo {args.hub_model_id!r} failed ({type(error).__name__}: {error}). Nothing is "
