@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--time_budget_minutes", type=float, default=None,
                        help="also stop once the training loop has run this long (wall clock, compilation and "
                             "checkpoints included, checked on the host after every step; with several processes "
-                            "every --logging_steps), then save a checkpoint and the pipeline as at the last step. The schedule still spans --max_train_steps: set that "
-                            "near the steps the budget allows for a decaying schedule to finish")
+                            "every --logging_steps), then save a checkpoint and the pipeline as at the last step. "
+                            "The schedule still spans --max_train_steps: set that near the steps the budget allows "
+                            "for a decaying schedule to finish")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 for toys, 2e-4 for images")
     optim.add_argument("--lr_scheduler", default="constant_with_warmup",

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -204,7 +204,7 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> List[str]:
 # --- writing and loading -------------------------------------------------------------------------------------
 
 
-def _split_optimizer_state(optimizer) -> (Dict[str, torch.Tensor], dict):
+def _split_optimizer_state(optimizer) -> Tuple[Dict[str, torch.Tensor], dict]:
     """AdamW's state dict as tensors (``state.<parameter>.<name>``) and the JSON rest (hyper-parameters)."""
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
