@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     run.add_argument("--report_to", default=None, help="an accelerate tracker; default tensorboard if installed")
     run.add_argument("--logging_steps", type=int, default=10,
-                     help="log the mean loss (and check --time_budget_minutes) every N steps; in between, the "
+                     help="log the mean loss (and, with several processes, check --time_budget_minutes) every N "
+                          "steps; in between, the "
                           "loop never waits for the device, checkpoints and previews aside")
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=None,
