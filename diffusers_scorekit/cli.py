@@ -110,7 +110,7 @@ def likelihood_command(args) -> None:
     pipe = load_pipeline(args.pipeline)
     start = time.perf_counter()
     if args.method == "ode":
-        bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed)
+        bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed, progress=True)
     else:
         bits_per_dim = bound_metric(pipe, data.held_out[: args.num_examples], normalization=data.normalization,
                                     seed=args.seed, num_time_samples=args.num_time_samples)
@@ -212,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # `train` hands everything after it to the training script's own parser (and its --help)
     if argv[:1] == ["train"]:
-        training.main(training.parse_args(argv[1:]))
+        training.command_line(argv[1:])
         return
     args = build_parser().parse_args(argv)
     if args.command == "sample":
