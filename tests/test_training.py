@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_scorekit import ScoreSDEPipeline, cli, training
+from diffusers_scorekit.variational_bound import bound_metric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train_score_sde.py"
@@ -93,6 +94,9 @@ def test_model_card_figures_are_those_of_the_saved_pipeline(toy_pipeline):
     assert metrics["coverage (5-NN, 2000 held-out points)"] == f"{scores['coverage']:.3f}"
     assert metrics["precision (5-NN)"] == f"{scores['precision']:.3f}"
     assert metrics["bits/dim"] == training.likelihood_metric(pipe, data, 20, 0)
+    assert metrics["bits/dim, variational bound"] == bound_metric(
+        pipe, data.held_out[:20], normalization=data.normalization, seed=0)
+    assert "(continuous, in data units, 20 examples, continuous-time bound, " in metrics["bits/dim, variational bound"]
     assert metrics["training length"].startswith("40 of 40 steps, ")
 
     # the usage code loads by name (no local absolute path) and passes the generator it makes

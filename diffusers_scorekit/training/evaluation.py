@@ -14,6 +14,7 @@ from ..demo import scatter_image
 from ..likelihood import dequantize_and_scale, log_likelihood
 from ..metrics import NEIGHBOURHOOD_SIZE, knn_coverage
 from ..mixture import GaussianMixture
+from ..variational_bound import bound_metric
 from ..pipelines import ScoreSDEPipeline
 from .data import TrainingData
 from .models import build_sampling_scheduler
@@ -82,6 +83,11 @@ def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples, progress:
             metrics["mode weights, total variation (GaussianMixture.report)"] = f"{report['tv']:.3f}"
             metrics["within-mode variance error (GaussianMixture.report)"] = f"{report['variance_error']:.3f}"
     metrics["bits/dim"] = likelihood_metric(pipe, data, args.eval_likelihood_samples, args.seed, progress)
+    # the variational bound of the same examples: an upper bound on the ODE's figure, and what DDPM-style models
+    # are trained on
+    metrics["bits/dim, variational bound"] = bound_metric(
+        pipe, data.held_out[: args.eval_likelihood_samples], normalization=None if data.is_image else data.normalization,
+        seed=args.seed)
     return metrics
 
 
