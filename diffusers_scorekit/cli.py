@@ -30,7 +30,7 @@ DEMO_SAMPLERS = [
     ("annealed Langevin", "AnnealedLangevinScheduler", "ve", 50),
     ("VE Euler-Maruyama", "VEEulerMaruyamaScheduler", "ve", 500),
     ("predictor-corrector", "PredictorCorrectorScheduler", "ve", 250),
-    ("PF-ODE (Heun)", "ProbabilityFlowODEScheduler", "ve", 50),
+    ("PF-ODE (DPM-Solver++ 2M)", "ProbabilityFlowODEScheduler", "ve", 50),
     ("VP Euler-Maruyama", "VPEulerMaruyamaScheduler", "vp", 500),
 ]
 
@@ -140,7 +140,7 @@ def demo_command(args) -> None:
     }
     data = training.load_toy(training.parse_args(common + ["--output_dir", str(output_dir)]))
     panels = [(data.held_out, "held-out data")]
-    print(f"{'sampler':<22} {'NFE':>5} {'coverage':>9} {'precision':>9} {'seconds':>8}")
+    print(f"{'sampler':<24} {'NFE':>5} {'coverage':>9} {'precision':>9} {'seconds':>8}")
     for title, scheduler_name, sde, num_inference_steps in DEMO_SAMPLERS:
         pipe = load_pipeline(models[sde], scheduler_name)
         if scheduler_name == "AnnealedLangevinScheduler":
@@ -150,7 +150,7 @@ def demo_command(args) -> None:
         seconds = time.perf_counter() - start
         scores = training.knn_coverage(data.held_out, points)
         nfe = len(pipe.scheduler.timesteps)
-        print(f"{title:<22} {nfe:>5} {scores['coverage']:>9.3f} {scores['precision']:>9.3f} {seconds:>8.1f}")
+        print(f"{title:<24} {nfe:>5} {scores['coverage']:>9.3f} {scores['precision']:>9.3f} {seconds:>8.1f}")
         panels.append((points, f"{title}, NFE {nfe}, cov {scores['coverage']:.2f}"))
     figure_path = output_dir / "demo_samplers.png"
     scatter_image(panels, extent=training.TOY_PLOT_EXTENT).save(figure_path)

@@ -1,10 +1,10 @@
 """The model card written next to the saved pipeline, and the upload of the pipeline folder to the Hub."""
 
 import os
-from pathlib import Path
 from typing import Dict
 
 from ..metrics import NEIGHBOURHOOD_SIZE
+from ..model_card_template import MODEL_CARD_TEMPLATE
 from ..pipelines import ScoreSDEPipeline
 from .checkpoints import TrainingSetupError, checkpoints_dir, run_config
 from .data import TrainingData
@@ -15,7 +15,6 @@ SAMPLE_IMAGE_NAME = "samples.png"
 UPLOAD_ALLOW_PATTERNS = ["*.safetensors", "*.json", "README.md", SAMPLE_IMAGE_NAME]
 UPLOAD_IGNORE_PATTERNS = ["samples/*", "logs/*", "checkpoint-*", ".*"]
 NO_QUALITY_FIGURE = "none measured for this model"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "score_sde_model_card.md"
 
 
 def training_length(result: Dict[str, object]) -> str:
