@@ -161,7 +161,7 @@ def print_table(rows):
             print(f"| {row['model']} | {row['device']} | {path} | {r['bits_per_dim']:.4f} | {exact} | {r['nfe']} | {r['forwards']} | {r['seconds']:.2f} | {speed} |")
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda when available)")
     parser.add_argument("--rtol", type=float, default=1e-5)
@@ -175,9 +175,14 @@ def main():
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--out", default="benchmarks/results/likelihood.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.oracle_samples, args.image_size, args.channels, args.batch_size = 256, 16, "16,32", 1
+    return args
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

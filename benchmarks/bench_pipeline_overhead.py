@@ -45,6 +45,49 @@ def scorekit_schedulers():
     }
 
 
+def measure(layout: str, batch_size: int, nfe: int, dtype: torch.dtype, device: torch.device, compile: bool = False,
+            repeats: int = 3, should_stop=lambda: False, on_row=lambda row: None):
+    """Times ``nfe`` bare forwards of the UNet, then each sampler's pipeline at that NFE (``should_stop()`` is
+    asked before each; ``on_row(row)`` told after each). Returns the UNet, the seconds of one forward and the rows."""
+    unet = training.build_unet2d(32, 3, block_out_channels=UNET_CHANNELS[layout]).to(device=device, dtype=dtype).eval()
+    model = torch.compile(unet) if compile else unet
+    shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    t = torch.full((batch_size,), 500, device=device)
+
+    @torch.no_grad()
+    def bare_forwards():
+        for _ in range(nfe):
+            model(x, t)
+
+    bare_forwards()  # warm-up (and compilation)
+    forward_seconds = timed(bare_forwards, device, repeats) / nfe
+
+    rows = []
+
+    def time_pipeline(name, pipe, steps, nfe):
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda: pipe(batch_size=batch_size, num_inference_steps=steps, output_type="pt",  # noqa: E731
+                           generator=torch.Generator(device).manual_seed(0))
+        run()
+        seconds = timed(run, device, repeats)
+        rows.append({"sampler": name, "num_inference_steps": steps, "nfe": nfe, "seconds": seconds,
+                     "ratio_to_nfe_forwards": seconds / (nfe * forward_seconds)})
+        on_row(rows[-1])
+
+    for name, scheduler in scorekit_schedulers().items():
+        if should_stop():
+            return unet, forward_seconds, rows
+        steps = levels_for_nfe(scheduler, nfe)
+        scheduler.set_timesteps(steps)
+        time_pipeline(name, ScoreSDEPipeline(unet=model, scheduler=scheduler), steps, len(scheduler.timesteps))
+    for name, scheduler_cls in (("diffusers DDIM", DDIMScheduler), ("diffusers DPM-Solver multistep", DPMSolverMultistepScheduler)):
+        if should_stop():
+            break
+        time_pipeline(name, DDPMPipeline(unet=model, scheduler=scheduler_cls.from_config(DDPM_CONFIG)), nfe, nfe)
+    return unet, forward_seconds, rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=sorted(UNET_CHANNELS), default="ddpm_cifar10")
@@ -58,38 +101,8 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    unet = training.build_unet2d(32, 3, block_out_channels=UNET_CHANNELS[args.layout]).to(device=device, dtype=dtype).eval()
-    if args.compile:
-        unet = torch.compile(unet)
-    shape = (args.batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x = torch.randn(shape, device=device, dtype=dtype)
-    t = torch.full((args.batch_size,), 500, device=device)
-
-    @torch.no_grad()
-    def bare_forwards():
-        for _ in range(args.nfe):
-            unet(x, t)
-
-    bare_forwards()  # warm-up (and compilation)
-    forward_seconds = timed(bare_forwards, device, args.repeats) / args.nfe
-
-    rows = []
-
-    def time_pipeline(name, pipe, steps, nfe):
-        pipe.set_progress_bar_config(disable=True)
-        run = lambda: pipe(batch_size=args.batch_size, num_inference_steps=steps, output_type="pt",  # noqa: E731
-                           generator=torch.Generator(device).manual_seed(0))
-        run()
-        seconds = timed(run, device, args.repeats)
-        rows.append({"sampler": name, "num_inference_steps": steps, "nfe": nfe, "seconds": seconds,
-                     "ratio_to_nfe_forwards": seconds / (nfe * forward_seconds)})
-
-    for name, scheduler in scorekit_schedulers().items():
-        steps = levels_for_nfe(scheduler, args.nfe)
-        scheduler.set_timesteps(steps)
-        time_pipeline(name, ScoreSDEPipeline(unet=unet, scheduler=scheduler), steps, len(scheduler.timesteps))
-    for name, scheduler_cls in (("diffusers DDIM", DDIMScheduler), ("diffusers DPM-Solver multistep", DPMSolverMultistepScheduler)):
-        time_pipeline(name, DDPMPipeline(unet=unet, scheduler=scheduler_cls.from_config(DDPM_CONFIG)), args.nfe, args.nfe)
+    unet, forward_seconds, rows = measure(args.layout, args.batch_size, args.nfe, dtype, device, args.compile,
+                                          args.repeats)
 
     header = run_header(device)
     print(f"{header['device']}, {args.layout} UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M), "

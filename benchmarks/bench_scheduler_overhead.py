@@ -112,6 +112,38 @@ def time_score_sde_ve(sample, model_output, steps, device, generator):
     return elapsed / (2 * steps) * 1e6
 
 
+def measure(device, batch_size: int, steps: int, capture_steps: int = None, should_stop=lambda: False,
+            on_row=lambda row: None):
+    """The rows of one device: every scheduler eager (ratios to diffusers' Euler), then, on CUDA, each scorekit
+    loop of ``capture_steps`` levels (default ``steps``; 0: none) captured. ``should_stop()`` is asked before each
+    captured loop (a compile takes seconds), and ``on_row(row)`` is told each time a row is added or completed."""
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (batch_size, 3, 32, 32)
+    sample = torch.randn(shape, generator=generator, device=device)
+    model_output = 0.1 * torch.randn(shape, generator=generator, device=device)
+    schedulers = {**scorekit_schedulers(), **diffusers_schedulers()}
+    timings = {name: time_plain_loop(scheduler, sample, model_output, steps, device, generator)
+               for name, scheduler in schedulers.items()}
+    timings["diffusers ScoreSdeVe (pred + corr)"] = time_score_sde_ve(sample, model_output, steps, device, generator)
+    reference = timings["diffusers Euler"]
+    rows = []
+    for name, microseconds in timings.items():
+        rows.append({"device": device.type, "scheduler": name, "us_per_step": microseconds,
+                     "ratio_to_diffusers_euler": microseconds / reference,
+                     "captured_us_per_step": None, "captured_same_output": None})
+        on_row(rows[-1])
+    capture_steps = steps if capture_steps is None else capture_steps
+    if device.type == "cuda" and capture_steps:
+        for row in rows:
+            if row["scheduler"].startswith("scorekit"):
+                if should_stop():
+                    break
+                row["captured_us_per_step"], row["captured_same_output"] = time_captured_loop(
+                    schedulers[row["scheduler"]], sample, model_output, capture_steps, device)
+                on_row(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=128)
@@ -120,24 +152,7 @@ def main():
     args = parser.parse_args()
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    rows = []
-    for device in devices:
-        generator = torch.Generator(device).manual_seed(0)
-        shape = (args.batch_size, 3, 32, 32)
-        sample = torch.randn(shape, generator=generator, device=device)
-        model_output = 0.1 * torch.randn(shape, generator=generator, device=device)
-        timings, captured = {}, {}
-        for name, scheduler in {**scorekit_schedulers(), **diffusers_schedulers()}.items():
-            timings[name] = time_plain_loop(scheduler, sample, model_output, args.steps, device, generator)
-            if device.type == "cuda" and name.startswith("scorekit"):
-                captured[name] = time_captured_loop(scheduler, sample, model_output, args.steps, device)
-        timings["diffusers ScoreSdeVe (pred + corr)"] = time_score_sde_ve(sample, model_output, args.steps, device, generator)
-        reference = timings["diffusers Euler"]
-        for name, microseconds in timings.items():
-            captured_us, same_output = captured.get(name, (None, None))
-            rows.append({"device": device.type, "scheduler": name, "us_per_step": microseconds,
-                         "ratio_to_diffusers_euler": microseconds / reference,
-                         "captured_us_per_step": captured_us, "captured_same_output": same_output})
+    rows = [row for device in devices for row in measure(device, args.batch_size, args.steps)]
 
     print(f"batch {args.batch_size} x 3 x 32 x 32, float32, {args.steps} levels per loop")
     print("| device | scheduler | µs / step | ratio to diffusers Euler | captured µs / step | same output |")

@@ -59,7 +59,7 @@ CONFIGS = {
 LABELS = {"all": "all (what --speed auto turns on on CUDA)"}
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true",
                         help=f"a quick CPU run: batch {SMALL['batch_size']}, block_out_channels "
@@ -79,7 +79,7 @@ def parse_args():
                         help=f"comma-separated scorekit configurations among: {', '.join(CONFIGS)}")
     parser.add_argument("--compile_on_cpu", action="store_true", help="time torch.compile on the CPU too")
     parser.add_argument("--out", default="benchmarks/results/training_step.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name, value in (SMALL if args.small else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -181,17 +181,21 @@ def release():
         torch.cuda.empty_cache()
 
 
-def main():
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    data = synthetic_images(args)
-    parameters = sum(p.numel() for p in build_unet(args).parameters())
+def plan_of(configs):
+    """The rows in the order they are timed: the reference first and last, the scorekit configurations between."""
+    return ([("reference (train_unconditional)", None)] + [(LABELS.get(name, name), name) for name in configs]
+            + [("reference (train_unconditional), again", None)])
 
+
+def measure(args, device, mixed_precision, plan, should_stop=lambda: False, on_row=lambda row: None):
+    """Times each ``(label, config)`` of ``plan`` (config ``None``: the reference) on fresh models, asking
+    ``should_stop()`` before each and telling ``on_row(row)`` after; then sets every row's ratio to the mean of
+    the reference rows timed. Returns the rows and that mean (``None`` without a reference row)."""
+    data = synthetic_images(args)
     rows = []
-    plan = [("reference (train_unconditional)", None)] + [(LABELS.get(name, name), name) for name in args.configs]
-    plan.append(("reference (train_unconditional), again", None))
     for label, config in plan:
+        if should_stop():
+            break
         switches, note = ((), "") if config is None else runnable_switches(config, device, args.compile_on_cpu)
         row = {"step": "reference" if config is None else "scorekit", "config": label, "switches": list(switches),
                "note": note}
@@ -199,6 +203,7 @@ def main():
         if config is not None and CONFIGS[config] and not switches:
             row["skipped"] = True
             print(f"{label}: skipped ({note})", flush=True)
+            on_row(row)
             continue
         step = reference_step(args, data, mixed_precision) if config is None else \
             scorekit_step(args, switches, data, mixed_precision)
@@ -207,12 +212,23 @@ def main():
         del step
         release()
         print(f"{label}: {row['images_per_second']:.1f} img/s", flush=True)
+        on_row(row)
 
     references = [row["images_per_second"] for row in rows if row["step"] == "reference"]
-    reference = sum(references) / len(references)
+    reference = sum(references) / len(references) if references else None
     for row in rows:
-        if "images_per_second" in row:
+        if "images_per_second" in row and reference:
             row["ratio_to_reference"] = row["images_per_second"] / reference
+            on_row(row)
+    return rows, reference
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    parameters = sum(p.numel() for p in build_unet(args).parameters())
+    rows, reference = measure(args, device, mixed_precision, plan_of(args.configs))
 
     layout = f"block_out_channels {args.block_out_channels}, layers_per_block {args.layers_per_block}"
     print(f"\n{device_name(device)}; UNet2DModel {parameters / 1e6:.2f} M parameters ({layout}); batch "

@@ -11,8 +11,8 @@ import torch
 
 # channels per level of diffusers' google/ddpm-cifar10-32 UNet2DModel (35.7 M parameters at 3 channels), the
 # network issue #6 times: training.build_unet2d(32, channels, block_out_channels=...) builds it (its 32-px preset
-# has that model's block types); "small" is the same shape of network for a CPU
-UNET_CHANNELS = {"ddpm_cifar10": (128, 256, 256, 256), "small": (32, 64, 64, 64)}
+# has that model's block types); "small" and "tiny" are the same shape of network for a CPU and a smoke run
+UNET_CHANNELS = {"ddpm_cifar10": (128, 256, 256, 256), "small": (32, 64, 64, 64), "tiny": (16, 32, 32, 32)}
 
 
 def levels_for_nfe(scheduler, nfe: int) -> int:

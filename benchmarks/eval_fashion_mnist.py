@@ -106,7 +106,8 @@ def adaptive_draw(pipe, num_samples: int, batch_size: int, seed: int, tolerance:
     return images, float(nfe_rows[::batch_size].mean())
 
 
-def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int, directory: str) -> float:
+def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int, directory: str,
+                      tolerance: float = 1e-5) -> float:
     images, _ = read_fashion_mnist("test", directory)
     images = images[:num_examples]
     pad = (pipe.sample_shape[-1] - images.shape[-1]) // 2
@@ -115,11 +116,13 @@ def test_bits_per_dim(pipe, num_examples: int, batch_size: int, seed: int, direc
     bits = []
     for index, batch in enumerate(images.split(batch_size)):
         generator = torch.Generator(pipe.device).manual_seed(seed + index)
-        bits.append(pipe.log_likelihood(batch, generator=generator).bits_per_dim.cpu())
+        bits.append(pipe.log_likelihood(batch, rtol=tolerance, atol=tolerance, generator=generator).bits_per_dim.cpu())
     return torch.cat(bits).mean().item()
 
 
-def main(argv=None):
+def main(argv=None, on_row=None):
+    """Runs the evaluation of ``argv`` (the command line's options); ``on_row(row)`` is told each scored row as it
+    comes. Returns the results as written to ``results.json``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scorekit_pipeline", required=True, help="folder saved by training/train_score_sde.py")
     parser.add_argument("--ddpm_pipeline", help="DDPMPipeline folder saved by benchmarks/train_ddpm_baseline.py")
@@ -128,19 +131,35 @@ def main(argv=None):
                         help="the DDPM sampler's own number of steps, the issue's reference point")
     parser.add_argument("--adaptive_tolerance", type=float, nargs="*", default=[1e-3, 1e-5])
     parser.add_argument("--num_samples", type=int, default=10_000, help="per sampler; 10,000 = the test set's size")
+    parser.add_argument("--ddpm_reference_samples", type=int, default=None,
+                        help="samples for the --ddpm_reference_steps row (default: --num_samples)")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--bpd_examples", type=int, default=10_000, help="test images for bits/dim; 0 skips it")
+    parser.add_argument("--bpd_tolerance", type=float, default=1e-5, help="rtol = atol of the likelihood's ODE solve")
     parser.add_argument("--fashion_mnist_dir", default=FASHION_MNIST_DIR, help="folder of the four .gz files")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time_budget_seconds", type=float, default=None,
+                        help="start no new sampler row after this many seconds; the results list those left out")
     parser.add_argument("--output_dir", default="benchmarks/results/fashion_mnist")
     args = parser.parse_args(argv)
+    deadline = None if args.time_budget_seconds is None else time.monotonic() + args.time_budget_seconds
 
     # under `accelerate launch` the images are split over its processes and scored by the main one
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = accelerator.device if accelerator.num_processes > 1 else torch.device(args.device)
+    if accelerator.num_processes > 1 and args.time_budget_seconds is not None:
+        # each process would read its own clock and could skip a row the others gather
+        parser.error("--time_budget_seconds works in one process only, not under a multi-process launch")
     os.makedirs(args.output_dir, exist_ok=True)
-    rows, grids = [], {}
+    rows, grids, left_out = [], {}, []
+
+    def out_of_time(model, sampler, nfe):
+        """True (and the row noted as left out) once the time budget is spent."""
+        if deadline is not None and time.monotonic() > deadline:
+            left_out.append(f"{model} | {sampler} | NFE {nfe}")
+            return True
+        return False
 
     def score(model, sampler, nfe, images, seconds):
         if not accelerator.is_main_process:
@@ -148,6 +167,8 @@ def main(argv=None):
         result = fashion_mnist_score(images, directory=args.fashion_mnist_dir, device=args.device)
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seconds": seconds, **result})
         grids[(model, sampler, nfe)] = images[:64]
+        if on_row is not None:
+            on_row(rows[-1])
         print(f"{model:8s} | {sampler:48s} | NFE {nfe:7.1f} | FD {result['frechet_distance']:9.3f} | "
               f"precision {result['precision']:.3f} | recall {result['recall']:.3f} | {seconds:.0f} s", flush=True)
 
@@ -166,12 +187,16 @@ def main(argv=None):
     for name, scheduler in scorekit_samplers(pipe.scheduler.config).items():
         pipe.scheduler = scheduler
         for nfe in args.nfe:
+            if out_of_time("scorekit", name, nfe):
+                continue
             steps = levels_for_nfe(scheduler, nfe)
             scheduler.set_timesteps(steps)
             images, seconds = timed_draw(lambda: draw(pipe, args.num_samples, args.batch_size, args.seed, accelerator,
                                                       num_inference_steps=steps, output_type="pt"))
             score("scorekit", name, len(scheduler.timesteps), images, seconds)
     for tolerance in args.adaptive_tolerance:
+        if out_of_time("scorekit", "scorekit adaptive ODE (dopri5)", f"tol {tolerance:g}"):
+            continue
         (images, nfe), seconds = timed_draw(lambda: adaptive_draw(pipe, args.num_samples, args.batch_size, args.seed, tolerance,
                                                                    accelerator))
         score("scorekit", f"scorekit adaptive ODE (dopri5, tol {tolerance:g})", nfe, images, seconds)
@@ -183,13 +208,18 @@ def main(argv=None):
         for name, scheduler in ddpm_samplers(config).items():
             budgets = args.nfe + ([args.ddpm_reference_steps] if name == "diffusers DDPM" else [])
             for nfe in budgets:
+                if out_of_time("ddpm", name, nfe):
+                    continue
+                num_samples = args.num_samples
+                if nfe == args.ddpm_reference_steps and name == "diffusers DDPM":
+                    num_samples = args.ddpm_reference_samples or args.num_samples
                 if isinstance(scheduler, ProbabilityFlowODEScheduler):
                     # the scorekit scheduler in diffusers' own pipeline: DDPMPipeline calls step(output, t, x)
                     ddpm.scheduler = scheduler
                     steps = levels_for_nfe(scheduler, nfe)
                 else:
                     ddpm.scheduler, steps = scheduler, nfe
-                images, seconds = timed_draw(lambda: draw(ddpm, args.num_samples, args.batch_size, args.seed, accelerator,
+                images, seconds = timed_draw(lambda: draw(ddpm, num_samples, args.batch_size, args.seed, accelerator,
                                                           num_inference_steps=steps, output_type="np"))
                 ddpm.scheduler.set_timesteps(steps)
                 score("ddpm", name, len(ddpm.scheduler.timesteps), images, seconds)
@@ -197,20 +227,28 @@ def main(argv=None):
     if not accelerator.is_main_process:
         return None
     # on the main process only, once the others are done
+    # last: the test-set likelihood, the slowest figure per image
     bits_per_dim = None
-    if args.bpd_examples > 0:
-        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed, args.fashion_mnist_dir)
+    if args.bpd_examples > 0 and not out_of_time("scorekit", "test-set bits/dim", "adaptive"):
+        bits_per_dim = test_bits_per_dim(pipe, args.bpd_examples, args.batch_size, args.seed, args.fashion_mnist_dir,
+                                         args.bpd_tolerance)
         print(f"scorekit test-set bits/dim ({args.bpd_examples} images, {pipe.sample_shape[-1]} px): {bits_per_dim:.3f}")
-    best = min((row for row in rows if row["model"] == "scorekit" and row["nfe"] <= 50),
-               key=lambda row: row["frechet_distance"])
-    grid_images = grids[(best["model"], best["sampler"], best["nfe"])]
-    side = math.isqrt(len(grid_images))  # 8 x 8 with the default sample counts
-    pil_images = ScoreSDEPipeline.numpy_to_pil(((grid_images[: side * side] + 1) / 2).permute(0, 2, 3, 1).numpy())
-    grid_path = os.path.join(args.output_dir, "best_sampler_grid.png")
-    make_image_grid(pil_images, rows=side, cols=side).save(grid_path)
+
+    best, grid_path = None, None
+    candidates = [row for row in rows if row["model"] == "scorekit" and row["nfe"] <= 50]
+    if candidates:
+        best = min(candidates, key=lambda row: row["frechet_distance"])
+        grid_images = grids[(best["model"], best["sampler"], best["nfe"])]
+        side = math.isqrt(len(grid_images))  # 8 x 8 with the default sample counts
+        pil_images = ScoreSDEPipeline.numpy_to_pil(((grid_images[: side * side] + 1) / 2).permute(0, 2, 3, 1).numpy())
+        grid_path = os.path.join(args.output_dir, "best_sampler_grid.png")
+        make_image_grid(pil_images, rows=side, cols=side).save(grid_path)
+    if left_out:
+        print(f"time budget of {args.time_budget_seconds:g} s spent; left out: {'; '.join(left_out)}")
 
     results = {**run_header(device), "num_samples": args.num_samples, "bits_per_dim": bits_per_dim,
-               "bpd_examples": args.bpd_examples, "best_at_nfe_50": best, "grid": grid_path, "rows": rows}
+               "bpd_examples": args.bpd_examples, "best_at_nfe_50": best, "grid": grid_path, "rows": rows,
+               "left_out_by_time_budget": left_out}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = ["| model | sampler | NFE | Fréchet distance | precision | recall | seconds |",
@@ -220,7 +258,8 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"best scorekit sampler at NFE <= 50: {best['sampler']} (NFE {best['nfe']:.0f}), grid: {grid_path}")
+    if best is not None:
+        print(f"best scorekit sampler at NFE <= 50: {best['sampler']} (NFE {best['nfe']:.0f}), grid: {grid_path}")
     return results
 
 

@@ -7,6 +7,7 @@
     scorekit demo --output_dir outputs/scorekit-demo                                   # two moons, 1-3 minutes
     scorekit demo --data fashion_mnist                                                # a few minutes
     scorekit likelihood moons --num_examples 500
+    scorekit likelihood moons --method elbo                                           # the variational bound
 """
 
 import argparse
@@ -25,13 +26,14 @@ from .demo import scatter_image
 from .distributed_sampling import sample_across_processes
 from .pipelines import ScoreSDEPipeline
 from .schedulers.scheduling_utils import SCOREKIT_SCHEDULERS
+from .variational_bound import bound_metric
 
 # the demo's samplers on the two-moons models, as (title, scheduler class, SDE of the model, inference steps)
 DEMO_SAMPLERS = [
     ("annealed Langevin", "AnnealedLangevinScheduler", "ve", 50),
     ("VE Euler-Maruyama", "VEEulerMaruyamaScheduler", "ve", 500),
     ("predictor-corrector", "PredictorCorrectorScheduler", "ve", 250),
-    ("PF-ODE (Heun)", "ProbabilityFlowODEScheduler", "ve", 50),
+    ("PF-ODE (DPM-Solver++ 2M)", "ProbabilityFlowODEScheduler", "ve", 50),
     ("VP Euler-Maruyama", "VPEulerMaruyamaScheduler", "vp", 500),
 ]
 
@@ -129,7 +131,11 @@ def likelihood_command(args) -> None:
     data = training.load_data(run)
     pipe = load_pipeline(args.pipeline)
     start = time.perf_counter()
-    bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed)
+    if args.method == "ode":
+        bits_per_dim = training.likelihood_metric(pipe, data, args.num_examples, args.seed, progress=True)
+    else:
+        bits_per_dim = bound_metric(pipe, data.held_out[: args.num_examples], normalization=data.normalization,
+                                    seed=args.seed, num_time_samples=args.num_time_samples)
     print(f"bits/dim: {bits_per_dim} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -156,7 +162,7 @@ def demo_command(args) -> None:
     }
     data = training.load_toy(training.parse_args(common + ["--output_dir", str(output_dir)]))
     panels = [(data.held_out, "held-out data")]
-    print(f"{'sampler':<22} {'NFE':>5} {'coverage':>9} {'precision':>9} {'seconds':>8}")
+    print(f"{'sampler':<24} {'NFE':>5} {'coverage':>9} {'precision':>9} {'seconds':>8}")
     for title, scheduler_name, sde, num_inference_steps in DEMO_SAMPLERS:
         pipe = load_pipeline(models[sde], scheduler_name)
         if scheduler_name == "AnnealedLangevinScheduler":
@@ -166,7 +172,7 @@ def demo_command(args) -> None:
         seconds = time.perf_counter() - start
         scores = training.knn_coverage(data.held_out, points)
         nfe = len(pipe.scheduler.timesteps)
-        print(f"{title:<22} {nfe:>5} {scores['coverage']:>9.3f} {scores['precision']:>9.3f} {seconds:>8.1f}")
+        print(f"{title:<24} {nfe:>5} {scores['coverage']:>9.3f} {scores['precision']:>9.3f} {seconds:>8.1f}")
         panels.append((points, f"{title}, NFE {nfe}, cov {scores['coverage']:.2f}"))
     figure_path = output_dir / "demo_samplers.png"
     scatter_image(panels, extent=training.TOY_PLOT_EXTENT).save(figure_path)
@@ -217,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num_samples", type=int, default=2000, help="points per sampler")
     demo.add_argument("--seed", type=int, default=0)
 
-    likelihood = commands.add_parser("likelihood", help="bits/dim of held-out data by the probability-flow ODE")
+    likelihood = commands.add_parser("likelihood", help="bits/dim of held-out data: probability-flow ODE or variational bound")
     likelihood.add_argument("pipeline", help="a folder written by `scorekit train`")
     likelihood.add_argument("--num_examples", type=int, default=200)
     likelihood.add_argument("--fashion_mnist_dir", default=training.FASHION_MNIST_DIR)
     likelihood.add_argument("--seed", type=int, default=0)
+    likelihood.add_argument("--method", choices=("ode", "elbo"), default="ode",
+                            help="ode: exact likelihood by the probability-flow ODE; elbo: the variational bound "
+                                 "(DDPM's on a DDPM schedule, else the continuous-time one)")
+    likelihood.add_argument("--num_time_samples", type=int, default=None,
+                            help="elbo: timesteps per example (DDPM default: all; continuous default: 64)")
     return parser
 
 
@@ -229,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     # `train` hands everything after it to the training script's own parser (and its --help)
     if argv[:1] == ["train"]:
-        training.main(training.parse_args(argv[1:]))
+        training.command_line(argv[1:])
         return
     args = build_parser().parse_args(argv)
     if args.command == "sample":

@@ -77,6 +77,10 @@ def _check_batch(name: str, x) -> None:
         raise ValueError(
             f"{name} must be a floating-point tensor of shape (batch, ...) with at least 2 dimensions, got {description}."
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): there is nothing to integrate.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf values.")
 
 
 def _check_solver(rtol: float, atol: float, method: str) -> None:

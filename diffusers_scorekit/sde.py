@@ -117,8 +117,10 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+            raise ValueError(
+                f"VESDE needs finite 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}."
+            )
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.log_sigma_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -150,8 +152,8 @@ class LinearBetaSchedule:
     """Continuous linear ``beta(t) = beta_min + t (beta_max - beta_min)`` (score_sde's VP)."""
 
     def __init__(self, beta_min: float, beta_max: float):
-        if not 0 <= beta_min < beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
+        if not (0 <= beta_min < beta_max and math.isfinite(beta_max)):
+            raise ValueError(f"need finite 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_scorekit import ScoreSDEPipeline, cli, training
+from diffusers_scorekit.variational_bound import bound_metric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train_score_sde.py"
@@ -48,8 +49,12 @@ def toy_pipeline(tmp_path_factory):
 
 def test_toy_run_saves_a_loadable_pipeline_with_model_card(toy_pipeline):
     assert (toy_pipeline / WEIGHTS).is_file()
-    # pickles only inside accelerate's checkpoints (optimizer.bin), never in the pipeline itself
-    assert not [p for p in toy_pipeline.rglob("*.bin") if "checkpoint-" not in str(p)]
+    # no pickles anywhere, and the checkpoints outside the pipeline folder
+    checkpoints = training.checkpoints_dir(toy_pipeline)
+    assert checkpoints == toy_pipeline.parent / f"{toy_pipeline.name}-checkpoints"
+    assert not [p for folder in (toy_pipeline, checkpoints) for p in folder.rglob("*")
+                if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
+    assert not list(toy_pipeline.rglob("checkpoint-*"))
     assert (toy_pipeline / training.SAMPLE_IMAGE_NAME).is_file()
     assert [p.name for p in training.list_checkpoints(toy_pipeline)] == ["checkpoint-20"]
 
@@ -65,6 +70,46 @@ def test_toy_run_saves_a_loadable_pipeline_with_model_card(toy_pipeline):
     pipe.set_progress_bar_config(disable=True)
     samples = pipe(batch_size=32, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).samples
     assert samples.shape == (32, 2) and np.isfinite(samples).all()
+
+
+def card_table(card, heading: str) -> dict:
+    """The rows of the two-column table under ``## heading`` of a model card."""
+    section = card.text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {key.strip().strip("`"): value.strip().strip("`") for key, value in rows[1:]}
+
+
+def test_model_card_figures_are_those_of_the_saved_pipeline(toy_pipeline):
+    """Every figure of the card recomputed from the saved pipeline: the samples (same seed and steps), their
+    coverage and precision against the held-out points, the bits/dim; and its usage code and settings."""
+    card = ModelCard.load(toy_pipeline / "README.md")
+    metrics = card_table(card, "Metrics")
+    args = training.parse_args([*TINY_TOY, "--max_train_steps", "40", "--use_ema", "--eval_likelihood_samples", "20",
+                                "--output_dir", str(toy_pipeline)])
+    data = training.load_data(args)
+    pipe = ScoreSDEPipeline.from_pretrained(toy_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    samples = training.sample_pipeline(pipe, 64, 5, 0, is_image=False)
+    scores = training.knn_coverage(data.held_out, samples)
+    assert metrics["coverage (5-NN, 2000 held-out points)"] == f"{scores['coverage']:.3f}"
+    assert metrics["precision (5-NN)"] == f"{scores['precision']:.3f}"
+    assert metrics["bits/dim"] == training.likelihood_metric(pipe, data, 20, 0)
+    assert metrics["bits/dim, variational bound"] == bound_metric(
+        pipe, data.held_out[:20], normalization=data.normalization, seed=0)
+    assert "(continuous, in data units, 20 examples, continuous-time bound, " in metrics["bits/dim, variational bound"]
+    assert metrics["training length"].startswith("40 of 40 steps, ")
+
+    # the usage code loads by name (no local absolute path) and passes the generator it makes
+    assert f'ScoreSDEPipeline.from_pretrained("{toy_pipeline.name}")' in card.text
+    assert str(toy_pipeline.parent) not in card.text
+    assert "samples = pipe(batch_size=2000, num_inference_steps=5, generator=generator).samples" in card.text
+    # settings that applied, and only those
+    settings = card_table(card, "Training")
+    assert settings["dataset"] == "two_moons" and settings["num_toy_samples"] == "2000"
+    assert settings["ema_decay"] == "0.999" and settings["weighting"] == "sigma2"
+    for absent in ("resolution", "center_crop", "random_flip", "image_column", "label_dropout", "num_projections",
+                   "train_data_dir", "gradient_accumulation_steps", "sample quality"):
+        assert absent not in settings and absent not in metrics, absent
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
@@ -96,8 +141,8 @@ def test_checkpoints_total_limit_and_atomic_rename(tmp_path):
                                 "--checkpoints_total_limit", "2", "--output_dir", str(tmp_path)])
     training.main(args)
     assert [p.name for p in training.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
-    assert not list(tmp_path.glob(".checkpoint-*"))
-    saved = json.loads((tmp_path / "checkpoint-6" / training.RUN_CONFIG_NAME).read_text())
+    assert not list(training.checkpoints_dir(tmp_path).glob(".checkpoint-*"))
+    saved = json.loads((training.checkpoints_dir(tmp_path) / "checkpoint-6" / training.RUN_CONFIG_NAME).read_text())
     assert saved["model"]["class"] == "ScoreMLP" and saved["sde"]["sde_type"] == "ve"
 
 
@@ -175,6 +220,12 @@ def test_class_conditional_image_folder_run(tmp_path):
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert "`0` cats, `1` dogs" in card.text and "class_labels=labels" in card.text
+    assert "generator=generator, class_labels=labels, guidance_scale=2.0" in card.text
+    # no quality figure was measured, and the card says so
+    assert card_table(card, "Metrics")["sample quality"].startswith(training.NO_QUALITY_FIGURE + " (bits/dim: ")
+    settings = card_table(card, "Training")
+    assert settings["label_dropout"] == "0.1" and settings["resolution"] == "8" and settings["random_flip"] == "True"
+    assert "num_toy_samples" not in settings and "ema_decay" not in settings
     assert Image.open(output_dir / training.SAMPLE_IMAGE_NAME).size == (16, 16)
 
 
@@ -196,11 +247,13 @@ def test_push_to_hub_failure_says_where_the_files_are(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     args = training.parse_args([*TINY_TOY, "--push_to_hub", "--hub_model_id", "someone/moons",
                                 "--output_dir", str(tmp_path)])
-    with pytest.raises(RuntimeError, match=f"Nothing is lost: .* are in {tmp_path}"):
+    with pytest.raises(RuntimeError, match=f"Nothing is lost: .* are in {tmp_path}") as error:
         training.push_to_hub(args)
+    assert (f'`hf upload someone/moons {tmp_path} --exclude "samples/*" --exclude "logs/*" '
+            f'--exclude "checkpoint-*" --exclude ".*"`') in str(error.value)
 
 
 def test_cli_sample_writes_scatter_and_npy(toy_pipeline, tmp_path):
@@ -230,8 +283,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         env_extra={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    assert {p.name for p in (tmp_path / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl"}
+    assert "2 process(es) on cpu, global batch 256 (64 per process x 2 process(es) x 2 accumulation" in result.stderr
+    assert {p.name for p in (training.checkpoints_dir(tmp_path) / "checkpoint-3").iterdir()} >= {
+        "random_states_0.safetensors", "random_states_1.safetensors"}
     assert (tmp_path / WEIGHTS).is_file()
 
 

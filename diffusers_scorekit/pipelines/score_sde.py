@@ -1,6 +1,8 @@
 """``ScoreSDEPipeline``: sampling, guidance and inpainting with any scorekit scheduler and any score model."""
 
+import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -13,6 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import likelihood as flows
+from .. import variational_bound as bounds
 from ..parametrization import epsilon_and_sample, model_output_from_epsilon
 from ..score_function import ScoreFunction
 from ..schedulers import PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, ScoreSchedulerMixin
@@ -97,16 +100,29 @@ class ScoreSDEPipeline(DiffusionPipeline):
 
     @property
     def sample_shape(self) -> Tuple[int, ...]:
+        shape = self._declared_sample_shape()
+        if shape is None:
+            raise ValueError(
+                f"the model's config ({type(self.unet).__name__}) declares neither data_dim (vector models) nor "
+                "in_channels and sample_size (image models), so the pipeline cannot tell the shape of a sample; "
+                "register data_dim (or sample_size) in the model's config."
+            )
+        return shape
+
+    def _declared_sample_shape(self) -> Optional[Tuple[int, ...]]:
         config = self.unet.config
         if "data_dim" in config:
             return (config["data_dim"],)
+        if "sample_size" not in config or "in_channels" not in config:
+            return None
         size = config["sample_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (config["in_channels"], *size)
 
     @property
     def is_image_model(self) -> bool:
-        return len(self.sample_shape) == 3
+        shape = self._declared_sample_shape()
+        return shape is not None and len(shape) == 3
 
     def check_conventions(self):
         """Raise if the model's declared output or time convention differs from the scheduler's config."""
@@ -158,8 +174,6 @@ class ScoreSDEPipeline(DiffusionPipeline):
 
     def _add_classifier_gradient(self, output, x, timestep, class_labels, classifier, classifier_scale):
         """score + scale * grad_x log p(y | x, t), returned in the model's output convention."""
-        if class_labels is None:
-            raise ValueError("classifier guidance needs class_labels.")
         level = self.scheduler.level_of(self.scheduler.step_index)
         prediction_type = self.scheduler.config.prediction_type
         with torch.enable_grad():
@@ -174,18 +188,61 @@ class ScoreSDEPipeline(DiffusionPipeline):
 
     # --- the loop ------------------------------------------------------------------------------------------
 
-    def _check_call(self, num_inference_steps, output_type, class_labels, batch_size, classifier=None):
+    def _check_call(self, num_inference_steps, output_type, class_labels, batch_size, classifier=None,
+                    guidance_scale=1.0, classifier_scale=1.0, latents=None):
+        """Reject bad arguments before any sampling; returns ``(class_labels, classifier)`` as the loop uses them
+        (labels as a tensor; the classifier wrapped to check its number of classes against the labels)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported; choose one of {OUTPUT_TYPES}.")
         if output_type == "pil" and not self.is_image_model:
             raise ValueError("output_type='pil' needs an image model; use 'np' or 'pt' for vector data.")
-        if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
+        if not (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
+                and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: it must be an integer >= 1.")
-        if class_labels is not None and class_labels.shape != (batch_size,):
-            raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
-        if class_labels is not None and classifier is None and self.unet.config.get("num_class_embeds") is None:
-            raise ValueError("class_labels need a class-conditional model (num_class_embeds set) or a classifier.")
+        check_batch_size(batch_size)
+        is_conditional = self.unet.config.get("num_class_embeds") is not None
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels)
+            if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+                raise TypeError(f"class_labels must be integers (one label per sample), got dtype {class_labels.dtype}.")
+            if class_labels.shape != (batch_size,):
+                raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
+            if classifier is None and not is_conditional:
+                raise ValueError("class_labels need a class-conditional model (num_class_embeds set) or a classifier.")
+            lowest, highest = int(class_labels.min()), int(class_labels.max())  # one host sync, before the loop
+            if is_conditional and not 0 <= lowest <= highest <= self.null_class_label:
+                raise ValueError(
+                    f"class_labels must lie in [0, {self.null_class_label}] for this model ({self.null_class_label} is "
+                    f"the unconditional label), got values in [{lowest}, {highest}]."
+                )
+            if lowest < 0:
+                raise ValueError(f"class_labels must be >= 0, got {lowest}.")
+            if classifier is not None:
+                classifier = _checked_classifier(classifier, highest)
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r} is invalid: it must be a finite number.")
+        if guidance_scale != 1.0 and not is_conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r} needs a class-conditional model (classifier-free guidance); this "
+                "model is unconditional (num_class_embeds=None). For classifier guidance pass classifier= and "
+                "classifier_scale=."
+            )
+        if guidance_scale != 1.0 and class_labels is None:
+            raise ValueError(f"guidance_scale={guidance_scale!r} needs class_labels, the classes to guide towards.")
+        if not math.isfinite(classifier_scale):
+            raise ValueError(f"classifier_scale={classifier_scale!r} is invalid: it must be a finite number.")
+        if classifier is None and classifier_scale != 1.0:
+            raise ValueError(f"classifier_scale={classifier_scale!r} has no effect without a classifier; pass "
+                             "classifier= (a noise-conditional classifier) or leave classifier_scale at 1.")
+        if classifier is not None and class_labels is None:
+            raise ValueError("classifier guidance needs class_labels, the classes to guide towards.")
+        if latents is not None:
+            shape = (batch_size, *self.sample_shape)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+            check_finite("latents", latents)
         self.check_conventions()
+        return class_labels, classifier
 
     def _sample(
         self,
@@ -206,8 +263,6 @@ class ScoreSDEPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         x = latents.to(device=device, dtype=dtype)
         if class_labels is not None:
             class_labels = class_labels.to(device)
@@ -280,7 +335,8 @@ class ScoreSDEPipeline(DiffusionPipeline):
             ``ImagePipelineOutput`` for image models, ``ScoreSDEPipelineOutput`` for vector models (or tuples).
         """
         output_type = output_type or ("pil" if self.is_image_model else "np")
-        self._check_call(num_inference_steps, output_type, class_labels, batch_size, classifier)
+        class_labels, classifier = self._check_call(num_inference_steps, output_type, class_labels, batch_size,
+                                                    classifier, guidance_scale, classifier_scale, latents)
         x = self._sample(
             batch_size, num_inference_steps, generator, class_labels, guidance_scale, classifier, classifier_scale,
             latents, None, None, callback_on_step_end,
@@ -313,13 +369,20 @@ class ScoreSDEPipeline(DiffusionPipeline):
         known = torch.as_tensor(image).to(device=self._execution_device, dtype=self.unet.dtype)
         if tuple(known.shape[1:]) != self.sample_shape:
             raise ValueError(f"image must have shape (batch, {', '.join(map(str, self.sample_shape))}), got {tuple(known.shape)}.")
+        check_finite("image", known)
+        if self.is_image_model:
+            self._check_in_data_range("image", known)
         repaint = torch.as_tensor(mask).to(self._execution_device)
+        is_binary = (repaint == 0) | (repaint == 1)
+        if not is_binary.all():
+            raise ValueError(f"mask must hold only 0 (keep) and 1 (repaint), got {repaint[~is_binary].flatten()[0].item()}.")
         try:
             keep_mask = torch.broadcast_to(repaint < 0.5, known.shape)
         except RuntimeError as error:
             raise ValueError(f"mask of shape {tuple(repaint.shape)} does not broadcast to image {tuple(known.shape)}.") from error
         output_type = output_type or ("pil" if self.is_image_model else "np")
-        self._check_call(num_inference_steps, output_type, class_labels, known.shape[0])
+        class_labels, _ = self._check_call(num_inference_steps, output_type, class_labels, known.shape[0],
+                                           guidance_scale=guidance_scale)
         x = self._sample(
             known.shape[0], num_inference_steps, generator, class_labels, guidance_scale, None, 1.0,
             None, known, keep_mask, None,
@@ -335,6 +398,18 @@ class ScoreSDEPipeline(DiffusionPipeline):
         return ScoreFunction(self.unet, self.scheduler.sde, config.prediction_type, config.timestep_type,
                              config.get("num_train_timesteps", 1000))
 
+    def _check_in_data_range(self, name: str, images: torch.Tensor) -> None:
+        """Images must be in the model's space: values within half a range-width of ``data_range`` pass (noisy or
+        slightly overshooting images), [0, 255] or [0, 1]-for-[-1, 1]-scale mistakes beyond that do not."""
+        low, high = self.data_range
+        margin = (high - low) / 2
+        lowest, highest = images.min().item(), images.max().item()
+        if lowest < low - margin or highest > high + margin:
+            raise ValueError(
+                f"{name} has values in [{lowest:.4g}, {highest:.4g}], far outside the model's data_range {self.data_range}; "
+                f"map images to that range first (8-bit images: k / 255 * {high - low:g} + {low:g})."
+            )
+
     def _as_model_input(self, samples) -> Tuple[torch.Tensor, bool]:
         """``(x, is_8bit)``: PIL images and uint8 arrays become dequantised 8-bit data in [-1, 1]."""
         if isinstance(samples, list) and samples and hasattr(samples[0], "convert"):
@@ -343,8 +418,14 @@ class ScoreSDEPipeline(DiffusionPipeline):
             samples = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
         samples = torch.as_tensor(samples)
         is_8bit = samples.dtype == torch.uint8
-        if tuple(samples.shape[1:]) != self.sample_shape:
-            raise ValueError(f"samples must have shape (batch, {', '.join(map(str, self.sample_shape))}), got {tuple(samples.shape)}.")
+        # a model whose config declares no shape (a custom network) takes the samples' own shape
+        shape = self._declared_sample_shape()
+        if shape is not None and tuple(samples.shape[1:]) != shape:
+            raise ValueError(f"samples must have shape (batch, {', '.join(map(str, shape))}), got {tuple(samples.shape)}.")
+        if samples.ndim < 2 or samples.shape[0] == 0:
+            raise ValueError(f"samples must be a non-empty batch (batch, ...), got shape {tuple(samples.shape)}.")
+        if not is_8bit:
+            check_finite("samples", samples)
         return samples, is_8bit
 
     def log_likelihood(self, samples, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
@@ -368,6 +449,40 @@ class ScoreSDEPipeline(DiffusionPipeline):
             num_probes=num_probes, probe=probe, data="8bit" if is_8bit else "continuous", generator=generator,
         )
 
+    def variational_bound(self, samples, *, bound: Optional[str] = None, variance_type: str = "fixed_large",
+                          num_time_samples: Optional[int] = None, batch_size: int = 256,
+                          generator: Optional[torch.Generator] = None) -> bounds.VariationalBoundOutput:
+        """Per-sample variational bound in bits/dim, with its terms (prior, diffusion, reconstruction).
+
+        ``bound``: ``"ddpm"`` (DDPM's ``L_T + sum L_(t-1) + L_0``; needs a scheduler on a DDPM schedule) or
+        ``"continuous"`` (the continuous-time bound of any SDE); by default ``"ddpm"`` on a DDPM schedule, else
+        ``"continuous"``. ``samples`` as for ``log_likelihood``: continuous data in the model's space, or 8-bit
+        images (PIL or uint8), which the DDPM bound scores on the bin centres ``2 k / 255 - 1`` with its
+        discretised decoder and the continuous bound on dequantised data as the ODE does; both report a bound on
+        ``-log2 P(k) / D`` (see ``variational_bound``). ``num_time_samples``: DDPM: ``None`` for all terms, or a
+        random subset of that many with a standard error; continuous: Monte Carlo draws of ``t`` (default 64).
+        ``variance_type`` (DDPM only): ``"fixed_large"``, ``"fixed_small"`` or ``"learned_range"``.
+        """
+        x, is_8bit = self._as_model_input(samples)
+        if bound is None:
+            bound = "ddpm" if bounds.is_ddpm_schedule(self.scheduler.sde) else "continuous"
+        flows._check_choice("bound", bound, bounds.BOUNDS)
+        if is_8bit:
+            if self.data_range != (-1.0, 1.0):
+                raise ValueError(f"8-bit bounds assume the model's data range (-1, 1); this pipeline uses {self.data_range}.")
+            x = bounds.to_bin_centres(x) if bound == "ddpm" else flows.dequantize_and_scale(x, generator=generator)
+        x = x.to(device=self._execution_device, dtype=self.unet.dtype)
+        data = "8bit" if is_8bit else "continuous"
+        if bound == "ddpm":
+            return bounds.ddpm_variational_bound(
+                self.score_function(), x, variance_type=variance_type, data=data, num_time_samples=num_time_samples,
+                batch_size=batch_size, generator=generator,
+            )
+        return bounds.continuous_variational_bound(
+            self.score_function(), x, num_time_samples=num_time_samples or 64, sampling_eps=self.scheduler.sampling_eps,
+            data=data, batch_size=batch_size, generator=generator,
+        )
+
     @torch.no_grad()
     def sample_adaptive(self, batch_size: int = 1, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
                         denoise_final: bool = True, generator: Optional[torch.Generator] = None,
@@ -375,7 +490,8 @@ class ScoreSDEPipeline(DiffusionPipeline):
         """Sample by solving the probability-flow ODE with an adaptive solver (Dormand-Prince by default) from the
         prior to ``sampling_eps``, then (``denoise_final``) one Tweedie step; reports the NFE it took."""
         output_type = output_type or ("pil" if self.is_image_model else "np")
-        self._check_call(1, output_type, None, batch_size)
+        # given latents set the batch size
+        self._check_call(1, output_type, None, batch_size if latents is None else len(latents), latents=latents)
         shape_or_latents = latents if latents is not None else (batch_size, *self.sample_shape)
         flow = flows.ode_sample(
             self.score_function(), shape_or_latents, rtol=rtol, atol=atol, method=method,
@@ -409,7 +525,9 @@ class ScoreSDEPipeline(DiffusionPipeline):
         if not safe_serialization:
             raise ValueError("safe_serialization=False is not supported: weights are written as safetensors only.")
         push_to_hub = kwargs.pop("push_to_hub", False)
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        # diffusers < 0.33 cannot write non-contiguous (e.g. channels_last) weights to safetensors
+        with contiguous_weights(self.unet):
+            super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path) as f:
             index = json.load(f)
@@ -438,13 +556,61 @@ class ScoreSDEPipeline(DiffusionPipeline):
         if not os.path.isfile(index_path):
             raise OSError(f"{index_path} does not exist: {folder} is not a pipeline folder.")
         with open(index_path) as f:
-            index = json.load(f)
+            try:
+                index = json.load(f)
+            except json.JSONDecodeError as error:
+                raise OSError(f"{index_path} is not valid JSON ({error}): the pipeline folder is damaged.") from error
+        if not isinstance(index, dict):
+            raise OSError(f"{index_path} must hold a JSON object (component name -> [library, class]), "
+                          f"got a {type(index).__name__}.")
         unet = kwargs.pop("unet", None) or _load_model(folder, "unet", index.get("unet"), kwargs.get("torch_dtype"))
         scheduler = kwargs.pop("scheduler", None) or _load_scheduler(folder, index.get("scheduler"))
         pipe = cls(unet=unet, scheduler=scheduler)
         if index.get("_class_name") == "ScoreSdeVePipeline":
             pipe.data_range = (0.0, 1.0)
         return pipe
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1.")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """One host sync: called on inputs before a loop, never inside one."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or Inf values.")
+
+
+def _checked_classifier(classifier: Callable, highest_label: int) -> Callable:
+    """``classifier`` that raises when it has no logit for the highest class label (instead of an index error)."""
+
+    def checked(x, timestep):
+        logits = classifier(x, timestep)
+        if logits.shape[-1] <= highest_label:
+            raise ValueError(f"class_labels go up to {highest_label}, but the classifier returns "
+                             f"{logits.shape[-1]} logits (labels 0 to {logits.shape[-1] - 1}).")
+        return logits
+
+    return checked
+
+
+@contextlib.contextmanager
+def contiguous_weights(module: torch.nn.Module):
+    """Give ``module``'s non-contiguous parameters and buffers contiguous storage for the duration, then put the
+    original (e.g. channels_last) tensors back."""
+    originals = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if not tensor.is_contiguous():
+            originals.append((tensor, tensor.data))
+            tensor.data = tensor.data.contiguous()
+    try:
+        yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
 
 
 def _resolve_folder(name_or_path, kwargs) -> str:
@@ -493,9 +659,17 @@ def _load_model(folder: str, component: str, entry, torch_dtype=None):
             "; only safetensors weights are loaded (pickled .bin files are never unpickled)."
         )
     try:
-        return model_class.from_pretrained(folder, subfolder=component, use_safetensors=True, torch_dtype=torch_dtype)
+        model, loading_info = model_class.from_pretrained(folder, subfolder=component, use_safetensors=True,
+                                                          torch_dtype=torch_dtype, output_loading_info=True)
     except Exception as error:
         raise OSError(f"could not load {weights}: {type(error).__name__}: {error}") from error
+    # diffusers only warns about these and leaves the weights random (or on the meta device)
+    missing, mismatched = loading_info["missing_keys"], loading_info["mismatched_keys"]
+    if missing or mismatched:
+        raise OSError(f"{weights} does not hold all of {model_class.__name__}'s weights: " +
+                      (f"missing {sorted(missing)}" if missing else "") + (", " if missing and mismatched else "") +
+                      (f"of the wrong shape {[key for key, *_ in mismatched]}" if mismatched else "") + ".")
+    return model
 
 
 def _load_scheduler(folder: str, entry) -> ScoreSchedulerMixin:

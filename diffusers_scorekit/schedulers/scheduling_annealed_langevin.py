@@ -20,7 +20,8 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
 
     as NCSN's reference code does (its paper writes the same step as ``alpha_i / 2`` and ``sqrt(alpha_i)``),
     then, if ``denoise_final``, NCSNv2's denoising step ``x + sigma_n^2 score(x, sigma_n)``.
-    NFE = ``n * num_annealed_steps + denoise_final``. With ``step_lr = 2 snr^2 sigma_min^2`` it equals
+    NFE = ``n * num_annealed_steps + denoise_final``; ``order = num_annealed_steps`` (entries per level).
+    With ``step_lr = 2 snr^2 sigma_min^2`` it equals
     ``PredictorCorrectorScheduler(sde_type="ve", predictor="none", corrector="annealed_langevin", snr=snr,
     sampling_eps=0)``.
 
@@ -34,6 +35,9 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
         timestep_type (`str`, defaults to `"sigma"`): `"sigma"`, `"log_sigma"`, `"continuous"` or `"discrete"`;
             the ladder sits at ``t`` uniform in [0, 1] of the VE SDE with this sigma range.
         denoise_final (`bool`, defaults to `True`): end with the denoising step.
+        noise_scale (`float`, defaults to 1.0): scales the Langevin noise ``sqrt(2 alpha_i) z``. 1 is Langevin
+            dynamics (samples the distribution); 0 is noise-free score ascent, ``x + alpha_i score``, which climbs
+            to the modes of the smoothed density instead (draws no noise; ``generator`` has no effect).
     """
 
     _supported_sde_types = ("ve",)
@@ -49,8 +53,11 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
         prediction_type: str = "score",
         timestep_type: str = "sigma",
         denoise_final: bool = True,
+        noise_scale: float = 1.0,
     ):
         self._setup()
+        # entries per level, so that timesteps[k * order] begins level k (img2img's strength slice)
+        self.order = num_annealed_steps
 
     def _level_times(self, num_levels: int) -> np.ndarray:
         # the geometric ladder from sigma_max to exactly sigma_min, whatever sampling_eps would say
@@ -69,4 +76,4 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
             return sample_0
         sigma = self._levels[stage.level].sigma
         step_size = self.config.step_lr * (sigma / self._levels[-1].sigma) ** 2
-        return langevin(x, score_from_epsilon(epsilon, sigma), step_size, noise)
+        return langevin(x, score_from_epsilon(epsilon, sigma), step_size, self.config.noise_scale * noise)

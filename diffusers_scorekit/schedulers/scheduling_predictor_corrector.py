@@ -17,7 +17,9 @@ class PredictorCorrectorScheduler(ScoreSchedulerMixin):
     ``num_corrector_steps`` corrector calls, then one predictor call that moves to the next level; at the last
     level the predictor call is replaced by Tweedie's denoising step if ``denoise_final``. NFE =
     ``n * num_corrector_steps + (n - 1) + denoise_final`` (the corrector term is 0 with ``corrector="none"``,
-    the predictor term with ``predictor="none"``).
+    the predictor term with ``predictor="none"``). ``order`` is the number of entries per level
+    (``num_corrector_steps + 1``), so ``timesteps[k * order]`` is the first corrector call at level ``k``: where
+    diffusers' img2img and inpainting pipelines begin for a ``strength``.
 
     ``from_config`` of a ``ScoreSdeVeScheduler`` config gives the same sampler as diffusers' ScoreSdeVe
     pipeline (reverse diffusion + Langevin); of a ``DDPMScheduler`` config, the VP SDE
@@ -81,4 +83,8 @@ class PredictorCorrectorScheduler(ScoreSchedulerMixin):
             _fail("predictor", predictor, f"choose one of {PREDICTORS}")
         if corrector not in CORRECTORS:
             _fail("corrector", corrector, f"choose one of {CORRECTORS}")
+        if predictor == "none" and corrector == "none":
+            _fail("predictor", predictor, "with corrector='none' too there is no step to take; choose a predictor")
         self._setup()
+        # entries per level, so that timesteps[k * order] begins level k (img2img's strength slice)
+        self.order = (num_corrector_steps if corrector != "none" else 0) + (predictor != "none")

@@ -5,10 +5,9 @@ from typing import List, Optional, Sequence
 
 from diffusers.configuration_utils import register_to_config
 
-from ..parametrization import epsilon_and_sample
 from .linear_combination import LinearCombination
 from .scheduling_utils import ScoreSchedulerMixin, Stage, _fail
-from .sde_updates import probability_flow_data_step, probability_flow_euler
+from .sde_updates import probability_flow_data_step, probability_flow_euler, probability_flow_heun_correction
 
 SOLVERS = ("euler", "heun", "dpm_solver_2m")
 
@@ -21,7 +20,10 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
     sampler, and `"dpm_solver_2m"` is Lu et al.'s second-order multistep DPM-Solver++ (2M), which reuses the previous
     step's ``x_0`` estimate instead of a second call. ``set_timesteps(n)`` makes ``n`` levels from ``t = 1`` to
     ``sampling_eps``; NFE = ``n`` with Euler and DPM-Solver++ 2M, and ``2 (n - 1) + 1`` with Heun (two calls per
-    step; the last step to clean data is one call); one fewer without ``denoise_final``. The noise it draws is only the initial ``x``, so the map from prior noise to
+    step; the last step to clean data is one call); one fewer without ``denoise_final``. Heun's ``order`` is 2:
+    ``timesteps[2 k]`` begins the step from level ``k``; a loop begun at a correction entry (``timesteps[2 k - 1]``)
+    keeps the Euler step that led there (first order), and DPM-Solver++ 2M begun mid-grid takes a first-order
+    (DDIM) step first. The noise it draws is only the initial ``x``, so the map from prior noise to
     sample is deterministic.
 
     Args:
@@ -91,13 +93,14 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         if stage.kind == "dpm_solver_2m":
             return {"previous_sample_0": "sample_0"}
         if stage.kind == "heun_predict":
-            return {"start_sample": "sample", "start_model_output": "model_output"}
+            return {"start_sample_0": "sample_0"}
         return {}
 
     def _stand_in(self, name):
         # with no previous x_0 (the first step taken) DPM-Solver++ 2M is its first-order step: the
-        # extrapolation from x_0 to itself is x_0
-        return "sample_0" if name == "previous_sample_0" else None
+        # extrapolation from x_0 to itself is x_0; a loop begun at a Heun correction keeps the Euler step
+        # that led there (the correction with x_0_start = x_0)
+        return "sample_0" if name in ("previous_sample_0", "start_sample_0") else None
 
     def _euler(self, x, epsilon, level_index):
         hi, lo = self._levels[level_index], self._levels[level_index + 1]
@@ -126,10 +129,9 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
             return self._dpm_solver_2m(x, sample_0, stage.level)
         if stage.kind == "heun_predict":
             return self._euler(x, epsilon, stage.level)
-        # heun_correct: redo the step from its start with the average of both slopes
-        start = self._levels[stage.level - 1]
-        x_start = LinearCombination.symbol("start_sample")
-        epsilon_start, _ = epsilon_and_sample(
-            LinearCombination.symbol("start_model_output"), x_start, start.a, start.sigma, self.config.prediction_type
+        # heun_correct: the step from the previous level redone with the average of both slopes
+        start, level = self._levels[stage.level - 1], self._levels[stage.level]
+        start_sample_0 = LinearCombination.symbol("start_sample_0")
+        return probability_flow_heun_correction(
+            x, sample_0, start_sample_0, level.a, level.noise_ratio, start.noise_ratio
         )
-        return self._euler(x_start, 0.5 * (epsilon_start + epsilon), stage.level - 1)

@@ -10,7 +10,7 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -103,15 +103,21 @@ class SnrLangevinStep(NamedTuple):
 TIME_SPACINGS = ("uniform", "log_snr", "edm")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
-# diffusers schedulers whose configs we translate (the DDPM family shares ``beta_schedule``)
+# diffusers schedulers whose configs we translate: ScoreSdeVe (VE) and the DDPM family (``beta_schedule``)
 _DIFFUSERS_COMPATIBLES = [
     "DDPMScheduler",
     "DDIMScheduler",
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
     "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
     "ScoreSdeVeScheduler",
 ]
 SCOREKIT_SCHEDULERS = [
@@ -123,14 +129,61 @@ SCOREKIT_SCHEDULERS = [
 ]
 # scorekit schedulers that have no ``sde_type`` field because they only run VE
 _VE_ONLY_SCHEDULERS = ("AnnealedLangevinScheduler", "VEEulerMaruyamaScheduler")
+# keys only diffusers' DDPM-family configs have (an in-memory config names no class)
+_DDPM_FAMILY_KEYS = ("steps_offset", "timestep_spacing", "solver_order", "clip_sample", "variance_type")
+# fields of every scorekit config, by the type their value must have
+_REAL_FIELDS = (
+    "sigma_min", "sigma_max", "beta_min", "beta_max", "beta_start", "beta_end", "sampling_eps", "snr", "step_lr",
+    "edm_rho", "noise_scale",
+)
+_INT_FIELDS = ("num_train_timesteps", "num_corrector_steps", "num_annealed_steps")
+_STR_FIELDS = ("sde_type", "beta_schedule", "prediction_type", "timestep_type", "time_spacing", "predictor",
+               "corrector", "solver")
+_BOOL_FIELDS = ("denoise_final",)
+# more levels than any sampler needs; the count is checked before anything is allocated
+MAX_INFERENCE_STEPS = 100_000
+MAX_TIMESTEPS_ENTRIES = 1_000_000
 
 
 def _fail(field: str, value, allowed: str):
     raise ValueError(f"{field}={value!r} is invalid: {allowed}.")
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_types(config: dict) -> None:
+    """Values of the wrong type (a config.json edited by hand: ``"sigma_max": "50"``) raise ``TypeError``."""
+    for field in _REAL_FIELDS:
+        value = config.get(field)
+        if value is not None and not (_is_real(value) and math.isfinite(value)):
+            kind = "a finite number" if _is_real(value) else f"a number, not {type(value).__name__}"
+            raise (ValueError if _is_real(value) else TypeError)(f"{field}={value!r} is invalid: it must be {kind}.")
+    for field in _INT_FIELDS:
+        if field in config and not _is_int(config[field]):
+            raise TypeError(f"{field}={config[field]!r} is invalid: it must be an integer.")
+    for field in _STR_FIELDS:
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise TypeError(f"{field}={config[field]!r} is invalid: it must be a string.")
+    for field in _BOOL_FIELDS:
+        if field in config and not isinstance(config[field], (bool, np.bool_)):
+            raise TypeError(f"{field}={config[field]!r} is invalid: it must be true or false.")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        values = betas.tolist() if hasattr(betas, "tolist") else betas
+        if not (isinstance(values, (list, tuple)) and all(_is_real(b) and 0 < b < 1 for b in values)):
+            raise TypeError(f"trained_betas={betas!r} is invalid: it must be a list of numbers in (0, 1).")
+
+
 def validate_config(config: dict, supported_sde_types: Tuple[str, ...]) -> None:
-    """Raise a ``ValueError`` naming the first bad field of a scheduler config and what it allows."""
+    """Raise a ``ValueError`` (``TypeError`` for a value of the wrong type) naming the first bad field of a
+    scheduler config and what it allows."""
+    _check_types(config)
     sde_type = config.get("sde_type", "ve")
     if sde_type not in supported_sde_types:
         _fail("sde_type", sde_type, f"choose one of {supported_sde_types}")
@@ -148,7 +201,7 @@ def validate_config(config: dict, supported_sde_types: Tuple[str, ...]) -> None:
     if beta_schedule is not None and beta_schedule not in BETA_SCHEDULES:
         _fail("beta_schedule", beta_schedule, f"choose None (continuous linear beta) or one of {BETA_SCHEDULES}")
     num_train_timesteps = config.get("num_train_timesteps", 2)
-    if not (isinstance(num_train_timesteps, int) and num_train_timesteps >= 2):
+    if not num_train_timesteps >= 2:
         _fail("num_train_timesteps", num_train_timesteps, "it must be an integer >= 2")
     if config.get("prediction_type", "score") not in PREDICTION_TYPES:
         _fail("prediction_type", config["prediction_type"], f"choose one of {PREDICTION_TYPES}")
@@ -165,9 +218,103 @@ def validate_config(config: dict, supported_sde_types: Tuple[str, ...]) -> None:
     for field in ("snr", "step_lr", "edm_rho"):
         if field in config and not config[field] > 0:
             _fail(field, config[field], "it must be positive")
+    if config.get("noise_scale", 0) < 0:
+        _fail("noise_scale", config["noise_scale"], "it must be >= 0")
     for field in ("num_corrector_steps", "num_annealed_steps"):
-        if field in config and not (isinstance(config[field], int) and config[field] >= 1):
+        if field in config and not config[field] >= 1:
             _fail(field, config[field], "it must be an integer >= 1")
+
+
+def _source_class(config: Mapping) -> Optional[str]:
+    """The scheduler class a config comes from: its ``_class_name`` (saved and ``from_config`` configs), else
+    told by its keys (a scheduler's in-memory ``config``); ``None`` for a hand-written partial dict."""
+    name = config.get("_class_name")
+    if isinstance(name, str):
+        return name
+    if "correct_steps" in config:
+        return "ScoreSdeVeScheduler"
+    if any(key in config for key in _DDPM_FAMILY_KEYS):
+        return "DDPMScheduler"  # stands for the whole family: every member is read through the same fields
+    if "denoise_final" in config:
+        return "ScoreSchedulerMixin"
+    return None
+
+
+def _translate_ddpm_family(full: Mapping, source: str, owned_keys: set) -> dict:
+    """A DDPM-family config (diffusers' own field names, every field present) as scorekit fields.
+
+    What describes the model translates: the discrete schedule, ``prediction_type``, discrete timesteps.
+    Spacings translate: ``timestep_spacing`` (linspace / leading / trailing, all uniform in the training
+    timestep) -> ``"uniform"``, ``use_karras_sigmas`` -> ``"edm"`` (rho 7), ``use_lu_lambdas`` -> ``"log_snr"``.
+    What only describes diffusers' own sampler (``clip_sample``, ``solver_order``, ``steps_offset``, ...) is
+    dropped. What scorekit cannot reproduce raises, naming the field.
+    """
+
+    def refuse(field, why):
+        raise ValueError(f"{field}={full.get(field)!r} in the {source} config is not supported: {why}.")
+
+    if full.get("rescale_betas_zero_snr"):
+        refuse("rescale_betas_zero_snr", "zero terminal SNR puts sigma / a = inf at t = 1, where no SDE can start")
+    for field in ("use_exponential_sigmas", "use_beta_sigmas"):
+        if full.get(field):
+            refuse(field, "scorekit spaces levels uniformly in t, in log-SNR or by Karras' rho (use_karras_sigmas)")
+    for field in ("use_flow_sigmas", "use_dynamic_shifting"):
+        if full.get(field):
+            refuse(field, "flow-matching models are not score models")
+    if full.get("thresholding"):
+        refuse("thresholding", "dynamic thresholding is not a step of a score SDE sampler; set it to False")
+    if full.get("variance_type") in ("learned", "learned_range"):
+        refuse("variance_type", "a model with learned variance outputs twice the sample's channels")
+    if "timestep_type" in owned_keys and full.get("timestep_type", "discrete") != "discrete":
+        refuse("timestep_type", "only discrete training timesteps translate")
+    for field in ("sigma_min", "sigma_max"):
+        if full.get(field) is not None:
+            refuse(field, "on a VP schedule the sigma range is the beta schedule's; leave it None")
+    prediction_type = full.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        refuse("prediction_type", f"choose one of {PREDICTION_TYPES}")
+    spacing = full.get("timestep_spacing", "leading")
+    if spacing not in ("linspace", "leading", "trailing"):
+        refuse("timestep_spacing", "choose linspace, leading or trailing")
+    translated = {
+        "beta_schedule": full.get("beta_schedule", "linear"),
+        "beta_start": full.get("beta_start", 0.0001),
+        "beta_end": full.get("beta_end", 0.02),
+        "trained_betas": full.get("trained_betas"),
+        "num_train_timesteps": full.get("num_train_timesteps", 1000),
+        "prediction_type": prediction_type,
+    }
+    if full.get("use_karras_sigmas"):
+        translated.update(time_spacing="edm", edm_rho=7.0)
+    elif full.get("use_lu_lambdas"):
+        translated["time_spacing"] = "log_snr"
+    return translated
+
+
+def _translate_score_sde_ve(full: Mapping) -> dict:
+    return {
+        "sigma_min": full["sigma_min"],
+        "sigma_max": full["sigma_max"],
+        "sampling_eps": full["sampling_eps"],
+        "snr": full["snr"],
+        "num_corrector_steps": full["correct_steps"],
+        "num_train_timesteps": full["num_train_timesteps"],
+    }
+
+
+# what a diffusers config implies without saying: overridden by scorekit fields it carries from a round trip
+_IMPLIED = {
+    "ScoreSdeVeScheduler": {
+        "sde_type": "ve",
+        "prediction_type": "score",
+        "timestep_type": "sigma",
+        "predictor": "reverse_diffusion",
+        "corrector": "langevin",
+    },
+    # sampling_eps stays the class default None: 0 (the first training step) on a discrete schedule
+    "DDPMScheduler": {"sde_type": "vp", "timestep_type": "discrete", "time_spacing": "uniform"},
+}
+_FAMILY_SDE_TYPES = {"ScoreSdeVeScheduler": ("ve",), "DDPMScheduler": ("vp", "subvp")}
 
 
 def translate_config(config: dict, target_cls) -> dict:
@@ -176,58 +323,72 @@ def translate_config(config: dict, target_cls) -> dict:
     diffusers' ``from_config`` keeps only the keys a class's ``__init__`` names and drops the ones a saved
     config marks as defaults, so a DDPM or ScoreSdeVe config would otherwise arrive half-empty. Here a diffusers
     config is read with its own class (defaults filled in) and mapped: DDPM family -> VP SDE with that discrete
-    schedule, discrete timesteps, its ``prediction_type``; ``ScoreSdeVeScheduler`` -> VE SDE with its sigma
-    range, score output, sigma timesteps, reverse-diffusion predictor and Langevin corrector.
+    schedule (see ``_translate_ddpm_family``); ``ScoreSdeVeScheduler`` -> VE SDE with its sigma range, score
+    output, sigma timesteps, reverse-diffusion predictor and Langevin corrector. A diffusers config that went
+    through a scorekit scheduler keeps scorekit's fields (diffusers stores them for compatible classes): they
+    come back, except where the diffusers class owns the field. Private keys (``_diffusers_version``, ...) stay.
     """
     config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
-    source = config.get("_class_name")
-    diffusers_library = importlib.import_module("diffusers")
-    # an in-memory config has no ``_class_name``: every scorekit config has ``timestep_type`` and
-    # ``correct_steps`` is ScoreSdeVe's own key
-    is_scorekit = source in SCOREKIT_SCHEDULERS or (source is None and "timestep_type" in config)
-    if is_scorekit:
-        if source in _VE_ONLY_SCHEDULERS or (source is None and "sde_type" not in config):
-            config.setdefault("sde_type", "ve")
-    elif source == "ScoreSdeVeScheduler" or (source is None and "correct_steps" in config):
-        full = diffusers_library.ScoreSdeVeScheduler.from_config(config).config
-        config = {
-            "sde_type": "ve",
-            "sigma_min": full.sigma_min,
-            "sigma_max": full.sigma_max,
-            "sampling_eps": full.sampling_eps,
-            "snr": full.snr,
-            "num_corrector_steps": full.correct_steps,
-            "num_train_timesteps": full.num_train_timesteps,
-            "prediction_type": "score",
-            "timestep_type": "sigma",
-            "predictor": "reverse_diffusion",
-            "corrector": "langevin",
-        }
-    elif "beta_schedule" in config or "trained_betas" in config:
-        if isinstance(source, str) and hasattr(diffusers_library, source):
-            config = dict(getattr(diffusers_library, source).from_config(config).config)
-        config = {
-            "sde_type": "vp",
-            "beta_schedule": config.get("beta_schedule", "linear"),
-            "beta_start": config.get("beta_start", 0.0001),
-            "beta_end": config.get("beta_end", 0.02),
-            "trained_betas": config.get("trained_betas"),
-            "num_train_timesteps": config.get("num_train_timesteps", 1000),
-            "prediction_type": config.get("prediction_type", "epsilon"),
-            "timestep_type": "discrete",
-            "sampling_eps": 0.0,
-        }
+    source = _source_class(config)
+    named = config.get("_class_name")
+    if isinstance(named, str) and named not in _DIFFUSERS_COMPATIBLES + SCOREKIT_SCHEDULERS:
+        raise ValueError(
+            f"_class_name={named!r}: scorekit schedulers take configs of {SCOREKIT_SCHEDULERS} and of diffusers' "
+            f"{_DIFFUSERS_COMPATIBLES}."
+        )
+    family = None
+    if source == "ScoreSdeVeScheduler":
+        family = "ScoreSdeVeScheduler"
+    elif source in _DIFFUSERS_COMPATIBLES or (source is None and {"beta_schedule", "trained_betas"} & set(config)):
+        family = "DDPMScheduler"
+    if family is not None:
+        diffusers_library = importlib.import_module("diffusers")
+        full = dict(config)
+        if named in _DIFFUSERS_COMPATIBLES:  # a saved config leaves out its defaults: let its class fill them in
+            full.update(getattr(diffusers_library, named).from_config(config).config)
+        owned_keys = (
+            ConfigMixin._get_init_keys(getattr(diffusers_library, named))
+            if named in _DIFFUSERS_COMPATIBLES
+            else _diffusers_init_keys(family)
+        )
+        if family == "ScoreSdeVeScheduler":
+            owned = _translate_score_sde_ve(full)
+        else:
+            owned = _translate_ddpm_family(full, named or "DDPM-family", owned_keys)
+        # scorekit fields a round trip left in the config (diffusers keeps them for compatible classes)
+        carried = {k: v for k, v in config.items() if not k.startswith("_") and k not in owned_keys}
+        if carried.get("sde_type", _IMPLIED[family]["sde_type"]) not in _FAMILY_SDE_TYPES[family]:
+            del carried["sde_type"]  # a field left over cannot change what the diffusers schedule describes
+        config = {**_IMPLIED[family], **carried, **owned, **{k: v for k, v in config.items() if k.startswith("_")}}
+    else:  # a scorekit config: only the VE-only classes have no sde_type
+        config.setdefault("sde_type", "ve")
     sde_type = config.get("sde_type", "ve")
     if sde_type not in target_cls._supported_sde_types:
+        runs = "PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, " + (
+            "VEEulerMaruyamaScheduler, AnnealedLangevinScheduler" if sde_type == "ve" else "VPEulerMaruyamaScheduler"
+        )
         raise ValueError(
             f"{target_cls.__name__} runs sde_type in {target_cls._supported_sde_types}, but the config "
-            f"(from {source or 'a dict'}) describes sde_type={sde_type!r}; use PredictorCorrectorScheduler or "
-            "ProbabilityFlowODEScheduler, which run every SDE."
+            f"(from {config.get('_class_name') or 'an in-memory config'}) "
+            f"describes sde_type={sde_type!r}; use one of {runs}, which run it."
         )
     accepted = set(inspect.signature(target_cls.__init__).parameters) - {"self"}
-    translated = {k: v for k, v in config.items() if k in accepted}
+    translated = {k: v for k, v in config.items() if k in accepted or (k.startswith("_") and k != "_class_name")}
     translated["_class_name"] = target_cls.__name__
     return translated
+
+
+def _diffusers_init_keys(family: str) -> set:
+    """Every field name of the diffusers schedulers of ``family`` (ScoreSdeVe, or the DDPM family)."""
+    diffusers_library = importlib.import_module("diffusers")
+    if family == "ScoreSdeVeScheduler":
+        names = [family]
+    else:
+        names = [name for name in _DIFFUSERS_COMPATIBLES if name != "ScoreSdeVeScheduler"]
+    keys = set()
+    for name in names:
+        keys |= ConfigMixin._get_init_keys(getattr(diffusers_library, name))
+    return keys
 
 
 def level_times(sde: SDE, num_levels: int, t_start: float, t_end: float, spacing: str, rho: float) -> np.ndarray:
@@ -288,6 +449,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         self._stages: Optional[List[Stage]] = None
         self._plans: Optional[List[StepPlan]] = None
         self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
         self._kept: Dict[str, torch.Tensor] = {}
         self._output_sums: Optional[torch.Tensor] = None
 
@@ -346,16 +508,34 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
     def corrector(self) -> str:
         return self.config.get("corrector", "none")
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        """Build the grid of ``num_inference_steps`` noise levels and the model calls it takes.
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[float]] = None,
+        sigmas: Optional[Sequence[float]] = None,
+    ):
+        """Build the grid of noise levels and the model calls it takes.
 
-        How many model calls (``len(self.timesteps)``) that is depends on the scheduler and is documented
-        in each class. ``timesteps`` holds the value each call must be given (per ``timestep_type``).
+        Give one of: ``num_inference_steps`` (that many levels, spaced per ``time_spacing``); ``timesteps``
+        (the levels' values in the model's own ``timestep_type`` convention, decreasing); or ``sigmas`` (the
+        levels' noise ``sigma / a``, decreasing: diffusers' and EDM's sigma, which is ``sigma`` itself on VE).
+        The last two are what diffusers' ``retrieve_timesteps`` passes. How many model calls
+        (``len(self.timesteps)``) a grid takes depends on the scheduler and is documented in each class;
+        ``timesteps`` holds the value each call must be given (per ``timestep_type``).
         """
-        if not (isinstance(num_inference_steps, (int, np.integer)) and num_inference_steps >= 1):
-            _fail("num_inference_steps", num_inference_steps, "it must be an integer >= 1")
-        num_inference_steps = int(num_inference_steps)
-        times = as_time(self._level_times(num_inference_steps))
+        given = [name for name, value in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                           ("sigmas", sigmas)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set_timesteps takes exactly one of num_inference_steps, timesteps or sigmas; got {given}."
+            )
+        if num_inference_steps is not None:
+            self._check_num_levels("num_inference_steps", num_inference_steps)
+            times = as_time(self._level_times(int(num_inference_steps)))
+        else:
+            times = self._custom_times(given[0], timesteps if timesteps is not None else sigmas)
+        num_levels = len(times)
         a, sigma = self.sde.marginal(times)
         timestep_values = timestep_from_t(
             times, self.sde, self.config.timestep_type, self.config.get("num_train_timesteps", 1000)
@@ -369,23 +549,62 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             timestep_values.tolist(),
         )
         self._levels = [Level(*column) for column in columns]
-        stages = self._make_stages(num_inference_steps)
+        stages = self._make_stages(num_levels)
         if not stages:
-            _fail(
-                "num_inference_steps",
-                num_inference_steps,
-                "with denoise_final=False this scheduler needs at least 2 levels to take a step",
-            )
+            _fail(given[0], num_levels, "with denoise_final=False this scheduler needs 2 levels to take a step")
         self._stages = stages
         self._plans = [self._plan(stage) for stage in stages]
         self.timesteps = torch.tensor(
             [self._levels[stage.level].timestep for stage in stages], dtype=torch.float32, device=device
         )
-        self.num_inference_steps = num_inference_steps
-        self._step_index = 0
+        self.num_inference_steps = num_levels
+        self._step_index = None
+        self._begin_index = None
         self._kept = {}
         # one float64 sum of each model output, read only by raise_if_nonfinite: an accelerator never waits
         self._output_sums = None
+
+    def _check_num_levels(self, field: str, num_levels):
+        """An integer count of levels whose grid fits in memory, checked before anything is allocated."""
+        if not (_is_int(num_levels) and num_levels >= 1):
+            _fail(field, num_levels, "it must be an integer >= 1")
+        if num_levels > MAX_INFERENCE_STEPS or num_levels * self.order > MAX_TIMESTEPS_ENTRIES:
+            _fail(
+                field,
+                num_levels,
+                f"at most {MAX_INFERENCE_STEPS} levels and {MAX_TIMESTEPS_ENTRIES} model calls "
+                f"({self.order} per level here)",
+            )
+
+    def _custom_times(self, field: str, values) -> torch.Tensor:
+        """The times of a custom grid given as ``timesteps`` (model convention) or ``sigmas`` (``sigma / a``)."""
+        if isinstance(values, (torch.Tensor, np.ndarray)):
+            values = values.tolist()
+        if not (isinstance(values, (list, tuple)) and all(_is_real(v) for v in values)):
+            raise TypeError(f"{field}={values!r} is invalid: it must be a list of numbers.")
+        self._check_num_levels(f"len({field})", len(values))
+        values = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(values)) or np.any(np.diff(values) >= 0):
+            _fail(field, values.tolist(), "it must be finite and strictly decreasing")
+        config = self.config
+        if field == "sigmas":
+            low, high = (self.sde.marginal(t) for t in (0.0, 1.0))
+            low, high = float(low[1] / low[0]), float(high[1] / high[0])
+            convert = lambda v: self.sde.t_from_log_snr(-np.log(v))  # noqa: E731
+        else:
+            low, high = timestep_from_t(as_time([0.0, 1.0]), self.sde, config.timestep_type,
+                                        config.get("num_train_timesteps", 1000)).tolist()
+            convert = lambda v: t_from_timestep(v, self.sde, config.timestep_type,  # noqa: E731
+                                                config.get("num_train_timesteps", 1000))
+        tolerance = 1e-6 * max(abs(low), abs(high))
+        in_range = values[0] <= high + tolerance and values[-1] >= low - tolerance
+        if not in_range or (field == "sigmas" and values[-1] <= 0):
+            _fail(field, values.tolist(), f"its values must lie in [{low:.6g}, {high:.6g}] (t from 0 to 1)"
+                  + (" and be positive: the final step to sigma = 0 is denoise_final's" if field == "sigmas" else ""))
+        times = convert(values).clamp(0.0, 1.0)
+        if self.sde.sigma(times[-1:]).item() <= 0:
+            _fail(field, values.tolist(), "its last level has sigma = 0, where the score is undefined")
+        return times
 
     def _plan(self, stage: Stage) -> StepPlan:
         """Run the stage's update rule on symbols: its coefficients, once, in float64."""
@@ -401,21 +620,32 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def _stand_in(self, name: str) -> Optional[str]:
         """The tensor of the current stage to use for kept tensor ``name`` when no earlier stage provided it
-        (after ``set_begin_index``); ``None`` if there is none."""
+        (a loop begun at this entry); ``None`` if there is none."""
         return None
 
     @property
     def step_index(self) -> Optional[int]:
-        """Index into ``timesteps`` of the next ``step`` call."""
+        """Index into ``timesteps`` of the next ``step`` call: before the first call, the begin index
+        (``set_begin_index``, else 0), which the first call may still move (see ``step``)."""
+        if self._step_index is None:
+            return self._begin_index or 0
         return self._step_index
 
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The entry ``set_begin_index`` named, or ``None`` (the first ``step`` call tells)."""
+        return self._begin_index
+
     def set_begin_index(self, begin_index: int = 0):
-        """Start at entry ``begin_index`` of ``timesteps`` (img2img-style partial sampling)."""
+        """Start at entry ``begin_index`` of ``timesteps`` (img2img-style partial sampling). Pipelines call it;
+        a loop over a slice of ``timesteps`` does not need to (see ``step``)."""
         if self._stages is None:
             raise ValueError("set_begin_index was called before set_timesteps.")
-        if not 0 <= begin_index < len(self._stages):
-            _fail("begin_index", begin_index, f"it must lie in [0, {len(self._stages)})")
-        self._step_index = begin_index
+        # len(timesteps) begins an empty loop: img2img pipelines then report that strength left no step
+        if not (_is_int(begin_index) and 0 <= begin_index <= len(self._stages)):
+            _fail("begin_index", begin_index, f"it must be an integer in [0, {len(self._stages)}]")
+        self._begin_index = int(begin_index)
+        self._step_index = None
         self._kept = {}
 
     def level_of(self, step_index: int) -> Level:
@@ -431,51 +661,115 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
     def _noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
+    def _entry_of(self, timestep) -> Optional[int]:
+        """The entry of ``timesteps`` that ``timestep`` is, without reading a device tensor: an element of
+        ``self.timesteps`` (what iterating over it, or over a slice of it, gives) is a view whose storage
+        offset is its index; ``None`` for anything else."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep._base is self.timesteps:
+            return timestep.storage_offset() - self.timesteps.storage_offset()
+        return None
+
+    @staticmethod
+    def _value_of(timestep) -> Optional[float]:
+        """``timestep`` as a number if that needs no device sync (a number, a CPU tensor), else ``None``."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu" or timestep.numel() == 0:
+                return None
+            timestep = timestep.flatten()[0].item()
+        return float(timestep) if isinstance(timestep, (int, float, np.number)) else None
+
+    def _matches(self, value: float, index: int) -> bool:
+        # compared in float32, the precision of ``timesteps``
+        return math.isclose(value, float(np.float32(self.level_of(index).timestep)), rel_tol=1e-4, abs_tol=1e-6)
+
+    def _first_index(self, timestep) -> int:
+        """Where a loop begins: ``set_begin_index``'s entry if it was called, else the entry the first
+        timestep is (diffusers' ``index_for_timestep``). Entries of one level share a value (correctors, Heun's
+        two calls): a value names the first of its entries that starts a level, as the slice
+        ``timesteps[k * order:]`` of img2img pipelines does. A compiled loop cannot look: it begins at 0."""
+        if self._begin_index is not None:
+            return self._begin_index
+        if torch.compiler.is_compiling():
+            return 0
+        entry = self._entry_of(timestep)
+        if entry is not None:
+            return entry
+        value = self._value_of(timestep)
+        if value is None:  # a copy of an entry on a device: one sync, once per loop
+            value = float(torch.as_tensor(timestep).flatten()[0].item())
+        matches = [i for i in range(len(self._stages)) if self._matches(value, i)]
+        if not matches:
+            raise ValueError(
+                f"step was called with timestep={value:.6g}, which is no entry of scheduler.timesteps "
+                f"(from {self.timesteps[0].item():.6g} down to {self.timesteps[-1].item():.6g}); call step with "
+                "the entries of timesteps, in order."
+            )
+        level_starts = [i for i in matches if i % self.order == 0]
+        return (level_starts or matches)[0]
+
     def _check_inputs(self, model_output, timestep, sample, index):
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise TypeError(
+                f"sample must be a floating-point tensor, got {getattr(sample, 'dtype', type(sample).__name__)}."
+            )
+        if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
+            raise TypeError(
+                "model_output must be a floating-point tensor, got "
+                f"{getattr(model_output, 'dtype', type(model_output).__name__)}."
+            )
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}; "
                 "the model must return one value per sample entry."
             )
-        if torch.compiler.is_compiling():
+        if model_output.device != sample.device:
+            raise ValueError(
+                f"model_output is on {model_output.device} but sample is on {sample.device}; put both on one device."
+            )
+        if not torch.compiler.is_compiling():
             # a compiled loop passes the right entries by construction, and reading one would break the graph
-            timestep = None
-        elif isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() > 0:
-            timestep = timestep.flatten()[0].item()
-        if isinstance(timestep, (int, float, np.number)):
-            # compared in float32, the precision of ``timesteps``
-            expected = float(np.float32(self.level_of(index).timestep))
-            if not math.isclose(float(timestep), expected, rel_tol=1e-4, abs_tol=1e-6):
+            entry = self._entry_of(timestep)
+            value = self._value_of(timestep) if entry is None else None
+            if (entry is not None and entry != index) or (value is not None and not self._matches(value, index)):
+                called = f"entry {entry}" if entry is not None else f"timestep={value}"
                 raise ValueError(
-                    f"step was called with timestep={timestep} but entry {index} of scheduler.timesteps is "
-                    f"{expected}; call step once per entry of timesteps, in order."
+                    f"step was called with {called} but the next entry is {index} (timestep "
+                    f"{float(np.float32(self.level_of(index).timestep))}) of scheduler.timesteps; call step once "
+                    "per entry of timesteps, in order (set_timesteps starts a new loop)."
                 )
-        self._record_output_sum(model_output, index)
 
-    def _record_output_sum(self, model_output: torch.Tensor, index: int):
-        """Sum ``model_output`` in float64 (finite exactly when every entry is, since float32 values cannot
-        overflow it) into this step's slot; on the CPU check it at once, elsewhere leave it for
-        ``raise_if_nonfinite`` so the step never waits for the device."""
+    def _record_output_sum(self, model_output: torch.Tensor, sample: Optional[torch.Tensor], index: int):
+        """Sum ``model_output`` (and, at the first step of a loop, the ``sample`` entering it) in float64 (finite
+        exactly when every entry is, since float32 values cannot overflow it) into this step's slot; on the CPU
+        check it at once, elsewhere leave it for ``raise_if_nonfinite`` so the step never waits for the device.
+        The sums read detached tensors: a step stays differentiable (gradient guidance through a step)."""
         if self._output_sums is None or self._output_sums.device != model_output.device:
             # MPS has no float64: there a float32 sum may overflow and flag an enormous but finite output
             dtype = torch.float32 if model_output.device.type == "mps" else torch.float64
             self._output_sums = torch.zeros(len(self._stages), dtype=dtype, device=model_output.device)
         output_sum = self._output_sums[index]
-        torch.sum(model_output, dim=tuple(range(model_output.ndim)), dtype=output_sum.dtype, out=output_sum)
+        dims = tuple(range(model_output.ndim))
+        torch.sum(model_output.detach(), dim=dims, dtype=output_sum.dtype, out=output_sum)
+        if sample is not None:
+            output_sum.add_(torch.sum(sample.detach(), dim=dims, dtype=output_sum.dtype))
         if model_output.device.type == "cpu" and not torch.compiler.is_compiling():
             if not torch.isfinite(output_sum):
-                self._raise_nonfinite(index)
+                self._raise_nonfinite(index, sample)
 
-    def _raise_nonfinite(self, index: int):
+    def _raise_nonfinite(self, index: int, sample: Optional[torch.Tensor] = None):
         level = self.level_of(index)
-        raise ValueError(
-            f"model output at step {index} of {len(self._stages)} (t={level.t:.6g}, sigma={level.sigma:.6g}, "
-            f"timestep={level.timestep:.6g}) contains NaN or Inf."
+        where = (
+            f"step {index} of {len(self._stages)} "
+            f"(t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
         )
+        if sample is not None and not torch.isfinite(sample).all():
+            raise ValueError(f"the sample passed to {where} contains NaN or Inf.")
+        what = "model output (or the sample entering the loop)" if index == self._begin_index else "model output"
+        raise ValueError(f"{what} at {where} contains NaN or Inf.")
 
     def raise_if_nonfinite(self):
         """Raise the non-finite-output error for the first bad step on an accelerator (one device sync)."""
-        if self._output_sums is not None:
+        if self._output_sums is not None and self._step_index is not None:
             nonfinite = ~torch.isfinite(self._output_sums[: self._step_index].cpu())
             if nonfinite.any():
                 self._raise_nonfinite(int(nonfinite.nonzero()[0, 0]))
@@ -487,26 +781,48 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = True,
+        **ddim_arguments,
     ) -> Union[ScoreSchedulerOutput, Tuple]:
         """Advance ``sample`` by one entry of ``timesteps`` using ``model_output`` (the model evaluated there).
+
+        The first call of a loop finds its entry from ``timestep`` (like diffusers' ``index_for_timestep``),
+        unless ``set_begin_index`` named it: a loop over ``timesteps[k:]`` needs no more. Later calls must
+        follow the entries in order. Beginning mid-grid, a multistep or Heun entry that needs the previous
+        entry's tensors takes a first-order step instead (documented per class). ``step`` is differentiable
+        in ``model_output`` and ``sample``.
 
         Args:
             model_output (`torch.Tensor`): the model's output at ``sample`` and ``timestep``, in the config's
                 ``prediction_type``.
-            timestep (`float` or `torch.Tensor`): the current entry of ``timesteps``; the scheduler keeps its
-                own position, so on an accelerator it is not read (reading it would synchronise).
-            sample (`torch.Tensor`): the current sample ``x_t``.
+            timestep (`float` or `torch.Tensor`): the current entry of ``timesteps``; an element of
+                ``timesteps`` is recognised without reading it, so on an accelerator nothing synchronises.
+            sample (`torch.Tensor`): the current sample ``x_t`` (floating point, on ``model_output``'s device).
             generator (`torch.Generator`, *optional*): for the noise this step adds.
             return_dict (`bool`): return a ``ScoreSchedulerOutput`` rather than a tuple.
+
+        DDIM's ``eta`` and ``use_clipped_model_output`` (which ``DDIMPipeline`` passes) raise a ``TypeError``:
+        ``DDIMPipeline`` turns any scheduler into a ``DDIMScheduler``; use ``DDPMPipeline`` (any scorekit scheduler;
+        ``ProbabilityFlowODEScheduler(solver="euler")`` is DDIM with eta = 0) or ``ScoreSDEPipeline``.
         """
+        if ddim_arguments:
+            raise TypeError(
+                f"{type(self).__name__}.step got {sorted(ddim_arguments)}: those are DDIMScheduler's arguments "
+                "(DDIMPipeline passes them, and rebuilds any scheduler as a DDIMScheduler). Run a scorekit "
+                "scheduler in DDPMPipeline or ScoreSDEPipeline; ProbabilityFlowODEScheduler(solver='euler') is "
+                "DDIM with eta=0."
+            )
         if self._stages is None:
             raise ValueError(f"{type(self).__name__}.step was called before set_timesteps(num_inference_steps).")
-        index = self._step_index
+        begins = self._step_index is None
+        index = self._first_index(timestep) if begins else self._step_index
         if index >= len(self._stages):
             raise ValueError(
                 f"all {len(self._stages)} entries of timesteps have been stepped; call set_timesteps again."
             )
         self._check_inputs(model_output, timestep, sample, index)
+        if begins:
+            self._begin_index, self._step_index, self._kept = index, index, {}
+        self._record_output_sum(model_output, sample if begins else None, index)
         plan = self._plans[index]
         sample_dtype = sample.dtype
         # low-precision samples accumulate rounding over hundreds of steps: update in float32
@@ -535,7 +851,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         if source is None:
             raise ValueError(
                 f"entry {index} of timesteps needs {name!r} from the previous entry, which was not stepped; "
-                "begin (set_begin_index) at an entry that starts a step."
+                "begin at an entry that starts a step (timesteps[k * scheduler.order])."
             )
         tensors[name] = tensors[source]
 
@@ -586,6 +902,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``a(t) x_0 + sigma(t) noise`` at the times that ``timesteps`` (values per ``timestep_type``) denote."""
+        for name, tensor in (("original_samples", original_samples), ("noise", noise)):
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                kind = getattr(tensor, "dtype", type(tensor).__name__)
+                raise TypeError(f"{name} must be a floating-point tensor, got {kind}.")
         if not torch.is_tensor(timesteps):
             timesteps = torch.as_tensor(timesteps)
         t = t_from_timestep(

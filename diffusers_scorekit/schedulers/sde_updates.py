@@ -68,6 +68,14 @@ def probability_flow_euler(x, epsilon, a_hi, noise_ratio_hi, a_lo, noise_ratio_l
     return a_lo * (x / a_hi + (noise_ratio_lo - noise_ratio_hi) * epsilon)
 
 
+def probability_flow_heun_correction(x, sample_0, start_sample_0, a, noise_ratio, start_noise_ratio):
+    """Heun's correction of the Euler step above that went from ``s_start`` to ``s`` and gave ``x``:
+    ``x + a (s - s_start) (eps - eps_start) / 2``. Along that Euler step the ``x_0`` estimate is constant, so
+    ``eps_start = (x - a x_0_start) / sigma`` and the correction reads ``x + a (s - s_start) / (2 s)
+    (x_0_start - x_0)``: with ``x_0_start = x_0`` (no start known) it keeps the Euler step."""
+    return x + (a * (noise_ratio - start_noise_ratio) / (2 * noise_ratio)) * (start_sample_0 - sample_0)
+
+
 def probability_flow_data_step(x, sample_0, sigma_hi, noise_ratio_hi, a_lo, sigma_lo, noise_ratio_lo):
     """The same ODE step written for an ``x_0`` estimate held fixed over the step (DPM-Solver++, Lu et al. 2022):
     ``x_lo = (sigma_lo / sigma_hi) x + a_lo (1 - s_lo / s_hi) x_0``. With the model's own ``x_0`` it is the Euler

@@ -30,9 +30,10 @@ The package, one concern per module:
 * ``models``: the network, the forward SDE and the sampling scheduler of a run (``build_model``, ``build_unet2d``);
 * ``step``: one reproducible optimizer update (``step_generator``, ``prepare_training``,
   ``train_step``) and the speed switches (``resolve_speed``, ``build_optimizer``);
-* ``checkpoints``: the run configuration, saving, finding and checking the checkpoint to resume from;
+* ``checkpoints``: the run configuration, saving checkpoints as safetensors + JSON outside the pipeline folder,
+  finding, verifying and loading the one to resume from, and the lock of a run's output folder;
 * ``evaluation``: sampling the pipeline for previews and the model card's metrics;
-* ``model_card``: the model card and the push to the Hub;
+* ``model_card``: the model card, the Hub access check before training and the push after it;
 * ``loop``: ``main``, the training loop, and ``save_final``.
 
 Every name is importable from ``diffusers_scorekit.training`` itself.
@@ -43,21 +44,34 @@ from .arguments import (
     LICENSE_DEFAULT,
     LOSSES,
     MODELS,
+    MULTI_PROCESS_HELP,
     SAMPLERS,
     SPEED_MODES,
     SPEED_SWITCHES,
     build_parser,
+    check_ranges,
     check_resolution,
+    check_writable,
     int_tuple,
     parse_args,
     resolve_args,
 )
 from .checkpoints import (
     CHECKPOINT_PREFIX,
+    CHECKPOINTS_SUFFIX,
     RUN_CONFIG_NAME,
+    TRAINING_STATE_NAME,
+    CheckpointContents,
+    CorruptCheckpointError,
+    RunLock,
+    TrainingSetupError,
     check_resumable,
+    checkpoints_dir,
     find_resume_checkpoint,
     list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
     run_config,
     save_checkpoint,
 )
@@ -89,8 +103,20 @@ from .evaluation import (
     sample_figure,
     sample_pipeline,
 )
-from .loop import KILL_AT_STEP_ENV, TimeBudget, ema_weights, main, save_final
-from .model_card import MODEL_CARD_TEMPLATE, SAMPLE_IMAGE_NAME, push_to_hub, training_length, write_model_card
+from .loop import KILL_AT_STEP_ENV, TimeBudget, command_line, ema_weights, main, save_final
+from .model_card import (
+    MODEL_CARD_TEMPLATE,
+    NO_QUALITY_FIGURE,
+    SAMPLE_IMAGE_NAME,
+    UPLOAD_ALLOW_PATTERNS,
+    UPLOAD_IGNORE_PATTERNS,
+    applicable_settings,
+    check_hub_access,
+    push_to_hub,
+    training_length,
+    upload_command,
+    write_model_card,
+)
 from .models import UNET2D_PRESETS, build_model, build_sampling_scheduler, build_unet2d, sde_config, training_sde
 from .step import (
     TrainingState,

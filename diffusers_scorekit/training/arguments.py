@@ -4,6 +4,8 @@ which fills the data- and SDE-dependent defaults and rejects inconsistent option
 import argparse
 import importlib.util
 import inspect
+import math
+import os
 from typing import List, Optional, Tuple
 
 from ..metrics import FASHION_MNIST_DIR
@@ -20,6 +22,19 @@ SPEED_MODES = ("auto", "none")
 # the speed switches --speed decides when they are not given; resolve_speed turns each into a bool
 SPEED_SWITCHES = ("channels_last", "allow_tf32", "fused_optimizer", "torch_compile")
 LICENSE_DEFAULT = "apache-2.0"
+MULTI_PROCESS_HELP = """\
+several processes (data parallel; the log's first line says how many joined and the global batch):
+  CPU:  torchrun --nproc_per_node 2 training/train_score_sde.py ...
+        (or ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 ...;
+        `accelerate launch --cpu --num_processes 2` runs ONE process)
+  GPUs: accelerate launch --multi_gpu --num_processes N --num_machines 1 training/train_score_sde.py ...
+        or torchrun --nproc_per_node N training/train_score_sde.py ...
+--train_batch_size is per process. Two runs writing one --output_dir are refused (a lock file in
+<output_dir>-checkpoints/, the folder that holds the checkpoints, outside the pipeline folder)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the epilog's lines (the launch commands) kept as written."""
 
 
 def int_tuple(text: str) -> Tuple[int, ...]:
@@ -33,7 +48,8 @@ def int_tuple(text: str) -> Tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a score-based generative model (VE / VP / sub-VP SDE) and save a ScoreSDEPipeline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=MULTI_PROCESS_HELP,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, help="a built-in dataset (2-D toys or Fashion-MNIST); "
@@ -98,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer updates; the learning-rate schedule always spans this many")
     optim.add_argument("--time_budget_minutes", type=float, default=None,
                        help="also stop once the training loop has run this long (wall clock, compilation and "
-                            "checkpoints included, checked every --logging_steps), then save a checkpoint and the "
-                            "pipeline as at the last step. The schedule still spans --max_train_steps: set that "
-                            "near the steps the budget allows for a decaying schedule to finish")
+                            "checkpoints included, checked on the host after every step; with several processes "
+                            "every --logging_steps), then save a checkpoint and the pipeline as at the last step. "
+                            "The schedule still spans --max_train_steps: set that near the steps the budget allows "
+                            "for a decaying schedule to finish")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--learning_rate", type=float, default=None, help="default: 1e-3 for toys, 2e-4 for images")
     optim.add_argument("--lr_scheduler", default="constant_with_warmup",
@@ -116,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                        help="default: accelerate's configuration")
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--num_threads", type=int, default=None,
+                       help="torch threads per process (default: 1 for the 2-D toys on a CPU, where more threads "
+                            "only slow a small MLP down; torch's default otherwise)")
 
     speed = parser.add_argument_group(
         "speed", "each switch is on (--X), off (--no-X) or, unset, decided by --speed; the log says what was used")
@@ -136,15 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "EMA and the saved pipeline use the uncompiled model, so their weights keep their names")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default="score-sde-model")
+    run.add_argument("--output_dir", default="score-sde-model",
+                     help="the pipeline folder (weights, configs, model card, samples); checkpoints go to "
+                          "<output_dir>-checkpoints next to it, so the folder can be uploaded as it is")
     run.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     run.add_argument("--report_to", default=None, help="an accelerate tracker; default tensorboard if installed")
     run.add_argument("--logging_steps", type=int, default=10,
-                     help="log the mean loss (and check --time_budget_minutes) every N steps; in between, the "
+                     help="log the mean loss (and, with several processes, check --time_budget_minutes) every N "
+                          "steps; in between, the "
                           "loop never waits for the device, checkpoints and previews aside")
     run.add_argument("--checkpointing_steps", type=int, default=500)
-    run.add_argument("--checkpoints_total_limit", type=int, default=None)
-    run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    run.add_argument("--checkpoints_total_limit", type=int, default=None,
+                     help="keep the newest N checkpoints (the oldest are removed after a new one is written)")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help='"latest" (the newest intact checkpoint of --output_dir) or a checkpoint folder')
     run.add_argument("--sample_every", type=int, default=0, help="write a sample image every N steps (0: never)")
     run.add_argument("--num_preview_samples", type=int, default=None, help="default: 2000 points or 16 images")
 
@@ -223,12 +248,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sampler ald (annealed Langevin) runs the VE SDE only, not --sde {args.sde}.")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num_classes must be >= 1, got {args.num_classes}.")
-    if not 0 <= args.label_dropout < 1:
-        raise ValueError(f"--label_dropout must lie in [0, 1), got {args.label_dropout}.")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "logging_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    check_ranges(args)
     if args.time_budget_minutes is not None and not args.time_budget_minutes > 0:
         raise ValueError(f"--time_budget_minutes must be > 0 (or left out for no budget), "
                          f"got {args.time_budget_minutes}.")
@@ -246,6 +266,67 @@ def resolve_args(args: argparse.Namespace) -> None:
     args.num_eval_samples = args.num_eval_samples or (2000 if is_toy else 16)
     if args.eval_likelihood_samples is None:
         args.eval_likelihood_samples = 500 if is_toy else 0
+    check_writable(args.output_dir)
+
+
+# options that count something: (name, smallest value); None (the option's unset default) passes
+COUNTS = (("train_batch_size", 1), ("max_train_steps", 1), ("gradient_accumulation_steps", 1),
+          ("checkpointing_steps", 1), ("logging_steps", 1), ("num_toy_samples", 1), ("resolution", 1),
+          ("hidden_dim", 1), ("num_layers", 1), ("layers_per_block", 1), ("num_train_timesteps", 1),
+          ("num_projections", 1), ("lr_warmup_steps", 0), ("checkpoints_total_limit", 1), ("sample_every", 0),
+          ("num_preview_samples", 1), ("num_inference_steps", 1), ("num_eval_samples", 1),
+          ("eval_likelihood_samples", 0), ("num_threads", 1))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Counts at least their smallest value, and every real number finite and in its range (ValueError)."""
+    for name, smallest in COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < smallest:
+            raise ValueError(f"--{name} must be >= {smallest}, got {value}.")
+    if args.block_out_channels is not None and min(args.block_out_channels) < 1:
+        raise ValueError(f"--block_out_channels must be positive, got {','.join(map(str, args.block_out_channels))}.")
+    for name in ("sigma_min", "sigma_max", "beta_min", "beta_max", "learning_rate", "adam_beta1", "adam_beta2",
+                 "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_decay", "label_dropout",
+                 "sampling_eps", "time_budget_minutes"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}.")
+    ranges = [
+        ("sigma_min", args.sigma_min > 0, "> 0"),
+        ("sigma_max", args.sigma_max > args.sigma_min, f"> --sigma_min ({args.sigma_min})"),
+        ("beta_min", args.beta_min >= 0, ">= 0"),
+        ("beta_max", args.beta_max > args.beta_min, f"> --beta_min ({args.beta_min})"),
+        ("learning_rate", args.learning_rate > 0, "> 0"),
+        ("adam_beta1", 0 <= args.adam_beta1 < 1, "in [0, 1)"),
+        ("adam_beta2", 0 <= args.adam_beta2 < 1, "in [0, 1)"),
+        ("adam_weight_decay", args.adam_weight_decay >= 0, ">= 0"),
+        ("adam_epsilon", args.adam_epsilon > 0, "> 0"),
+        ("max_grad_norm", args.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("ema_decay", 0 < args.ema_decay < 1, "in (0, 1)"),
+        ("label_dropout", 0 <= args.label_dropout < 1, "in [0, 1)"),
+        ("sampling_eps", args.sampling_eps is None or 0 < args.sampling_eps < 1, "in (0, 1)"),
+    ]
+    for name, valid, allowed in ranges:
+        if not valid:
+            raise ValueError(f"--{name} must be {allowed}, got {getattr(args, name)}.")
+
+
+def check_writable(output_dir: str) -> None:
+    """``--output_dir`` (and its checkpoints folder next to it) must be creatable and writable, checked before any
+    data is read rather than at the first checkpoint."""
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {output_dir} is a file, not a folder.")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {output_dir} cannot be created: {existing} is a file.")
+    # the checkpoints folder is created next to output_dir, so its parent must be writable too
+    for folder in {existing, os.path.dirname(path) if os.path.exists(path) else existing}:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--output_dir {output_dir} cannot be written: no write permission on {folder}.")
 
 
 def check_resolution(args: argparse.Namespace) -> None:

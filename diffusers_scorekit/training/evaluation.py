@@ -2,6 +2,7 @@
 card's metrics (k-NN coverage and precision, the Gaussian mixture's mode report, bits/dim by the
 probability-flow ODE)."""
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -13,6 +14,7 @@ from ..demo import scatter_image
 from ..likelihood import dequantize_and_scale, log_likelihood
 from ..metrics import NEIGHBOURHOOD_SIZE, knn_coverage
 from ..mixture import GaussianMixture
+from ..variational_bound import bound_metric
 from ..pipelines import ScoreSDEPipeline
 from .data import TrainingData
 from .models import build_sampling_scheduler
@@ -67,8 +69,8 @@ def sample_figure(samples, data: TrainingData, title: str) -> Image.Image:
     return scatter_image([(data.held_out, "held-out data"), (samples, title)], extent=TOY_PLOT_EXTENT)
 
 
-def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples) -> Dict[str, str]:
-    """The metrics of the model card, as printable strings."""
+def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples, progress: bool = False) -> Dict[str, str]:
+    """The metrics of the model card, as printable strings (``progress``: a progress bar for the likelihood)."""
     metrics = {}
     if not data.is_image:
         scores = knn_coverage(data.held_out, samples)
@@ -80,16 +82,47 @@ def measure(pipe: ScoreSDEPipeline, args, data: TrainingData, samples) -> Dict[s
             report = mixture.report(samples.double() * std + mean)
             metrics["mode weights, total variation (GaussianMixture.report)"] = f"{report['tv']:.3f}"
             metrics["within-mode variance error (GaussianMixture.report)"] = f"{report['variance_error']:.3f}"
-    metrics["bits/dim"] = likelihood_metric(pipe, data, args.eval_likelihood_samples, args.seed)
+    metrics["bits/dim"] = likelihood_metric(pipe, data, args.eval_likelihood_samples, args.seed, progress)
+    # the variational bound of the same examples: an upper bound on the ODE's figure, and what DDPM-style models
+    # are trained on
+    metrics["bits/dim, variational bound"] = bound_metric(
+        pipe, data.held_out[: args.eval_likelihood_samples], normalization=None if data.is_image else data.normalization,
+        seed=args.seed)
     return metrics
 
 
-def likelihood_metric(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: int, seed: int) -> str:
-    """Bits/dim of ``num_examples`` held-out examples by the probability-flow ODE."""
+def likelihood_metric(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: int, seed: int,
+                      progress: bool = False) -> str:
+    """Bits/dim of ``num_examples`` held-out examples by the probability-flow ODE; with ``progress``, a progress
+    bar counts the network evaluations of the adaptive solver (their number is not known in advance)."""
     if num_examples <= 0:
         return "not measured"
     if pipe.unet.config.get("num_class_embeds") is not None:
         return "not measured (class-conditional model)"
+    with evaluation_progress(pipe.unet, f"bits/dim of {num_examples} examples (PF-ODE network evaluations)",
+                             disable=not progress):
+        return _bits_per_dim(pipe, data, num_examples, seed)
+
+
+@contextlib.contextmanager
+def evaluation_progress(model: torch.nn.Module, description: str, disable: bool):
+    """A tqdm bar advanced by every forward of ``model`` inside the block (``TQDM_DISABLE=1`` turns it off)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, unit=" evaluations", disable=disable)
+
+    def count(module, inputs) -> None:  # a pre-hook returning something would replace the inputs
+        bar.update(1)
+
+    hook = model.register_forward_pre_hook(count)
+    try:
+        yield bar
+    finally:
+        hook.remove()
+        bar.close()
+
+
+def _bits_per_dim(pipe: ScoreSDEPipeline, data: TrainingData, num_examples: int, seed: int) -> str:
     score_fn = pipe.score_function()
     examples = data.held_out[:num_examples].to(pipe.device)
     generator = torch.Generator(pipe.device).manual_seed(seed)

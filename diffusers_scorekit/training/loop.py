@@ -9,22 +9,26 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from .arguments import resolve_args
+from .arguments import parse_args, resolve_args
 from .checkpoints import (
-    CHECKPOINT_PREFIX,
+    CorruptCheckpointError,
     RUN_CONFIG_NAME,
+    RunLock,
+    TrainingSetupError,
     check_resumable,
+    checkpoints_dir,
     find_resume_checkpoint,
+    load_checkpoint,
     run_config,
     save_checkpoint,
 )
 from .data import TrainingData, load_data, training_batches
 from .evaluation import export_pipeline, measure, sample_figure, sample_pipeline
-from .model_card import SAMPLE_IMAGE_NAME, push_to_hub, training_length, write_model_card
+from .model_card import SAMPLE_IMAGE_NAME, check_hub_access, push_to_hub, training_length, write_model_card
 from .models import build_model, training_sde
 from .step import prepare_training, resolve_speed, train_step
 
@@ -36,8 +40,9 @@ KILL_AT_STEP_ENV = "SCOREKIT_KILL_AT_STEP"
 
 class TimeBudget:
     """The wall-clock budget of a training loop, counted from construction (``minutes=None``: no budget).
-    ``exhausted`` is decided by the main process's clock and broadcast, so every process stops at the same step;
-    it waits for the device, so call it where the loop waits anyway (at logging)."""
+    A single process reads the host clock after every step, which never waits for the device. Several processes
+    must stop at the same step: there the main process's clock decides at logging steps (where the loop waits
+    for the device anyway) and the decision is broadcast."""
 
     def __init__(self, minutes: Optional[float], accelerator):
         self.minutes, self.accelerator = minutes, accelerator
@@ -46,8 +51,12 @@ class TimeBudget:
     def elapsed_minutes(self) -> float:
         return (time.monotonic() - self.start) / 60
 
-    def exhausted(self) -> bool:
+    def exhausted(self, at_logging: bool) -> bool:
         if self.minutes is None:
+            return False
+        if self.accelerator.num_processes == 1:
+            return self.elapsed_minutes() >= self.minutes
+        if not at_logging:
             return False
         from accelerate.utils import broadcast
 
@@ -65,11 +74,14 @@ class TimeBudget:
 def main(args: argparse.Namespace) -> str:
     """Train, then save the pipeline and its model card to ``args.output_dir`` (returned)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.utils import ProjectConfiguration
 
     resolve_args(args)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # accelerate joins the processes of a launcher (torchrun, `accelerate launch --multi_gpu`) on the CPU only
+        # when told to use it; without a GPU it would otherwise run them as uncoordinated copies
+        cpu=launched > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -78,6 +90,33 @@ def main(args: argparse.Namespace) -> str:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    if launched != accelerator.num_processes:
+        raise TrainingSetupError(f"launched as {launched} processes (WORLD_SIZE) but accelerate joined "
+                           f"{accelerator.num_processes}: they would train uncoordinated copies. Launch with "
+                           "`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N "
+                           "--num_machines 1` (see --help).")
+    lock = RunLock(args.output_dir).acquire() if accelerator.is_main_process else None
+    threads = torch.get_num_threads()
+    try:
+        return _train(args, accelerator)
+    finally:
+        torch.set_num_threads(threads)
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, accelerator) -> str:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    elif accelerator.device.type == "cpu" and args.model == "scorekit_mlp":
+        # a small MLP gains nothing from several threads and loses much when the cores are shared
+        # (benchmarks/bench_training_threads.py)
+        torch.set_num_threads(1)
+    if args.push_to_hub and accelerator.is_main_process:
+        check_hub_access(args)
     resolve_speed(args, accelerator.device)
     data = load_data(args)
     set_seed(args.seed)
@@ -85,27 +124,31 @@ def main(args: argparse.Namespace) -> str:
     config = run_config(args, model, data)
     checkpoint = find_resume_checkpoint(args)
     if checkpoint is not None:
-        check_resumable(checkpoint, config)
+        check_resumable(checkpoint.path, config)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
     state = prepare_training(args, accelerator, model, training_sde(args))
     global_step = 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
+        global_step = load_checkpoint(checkpoint, accelerator, state)
+        logger.info("resumed from %s at step %d", checkpoint.path, global_step)
     batches = training_batches(args, data, accelerator.num_processes, accelerator.process_index,
-                               global_step * args.gradient_accumulation_steps, checkpoint)
+                               global_step * args.gradient_accumulation_steps,
+                               None if checkpoint is None else checkpoint.path)
     if accelerator.is_main_process:
         accelerator.init_trackers("score_sde", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    logger.info("training %s (%.2fM parameters) on %s for %d steps%s, %d process(es), %d example(s) per update",
+    logger.info("training %s (%.2fM parameters) on %s for %d steps%s, %d process(es) on %s, global batch %d "
+                "(%d per process x %d process(es) x %d accumulation step(s)), %d torch thread(s) per process; "
+                "checkpoints in %s",
                 type(state.unwrapped).__name__, sum(p.numel() for p in state.unwrapped.parameters()) / 1e6,
                 data.description, args.max_train_steps,
                 "" if args.time_budget_minutes is None else f" or {args.time_budget_minutes:g} minutes",
-                accelerator.num_processes,
-                args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+                accelerator.num_processes, accelerator.device.type,
+                args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+                args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps,
+                torch.get_num_threads(), checkpoints_dir(args.output_dir))
     kill_at_step = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
@@ -121,7 +164,8 @@ def main(args: argparse.Namespace) -> str:
         global_step += 1
         progress.update(1)
         finished = global_step == args.max_train_steps
-        if global_step % args.logging_steps == 0 or finished:
+        at_logging = global_step % args.logging_steps == 0 or finished
+        if at_logging:
             logs = {"loss": unlogged_loss.item() / (unlogged_steps * args.gradient_accumulation_steps),
                     "lr": state.lr_scheduler.get_last_lr()[0]}
             if state.ema is not None:
@@ -129,13 +173,13 @@ def main(args: argparse.Namespace) -> str:
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             unlogged_loss, unlogged_steps = 0, 0
-            out_of_time = not finished and budget.exhausted()
-            if out_of_time:
-                logger.info("time budget of %g minutes used up at step %d of %d", args.time_budget_minutes,
-                            global_step, args.max_train_steps)
+        out_of_time = not finished and budget.exhausted(at_logging)
+        if out_of_time:
+            logger.info("time budget of %g minutes used up at step %d of %d", args.time_budget_minutes,
+                        global_step, args.max_train_steps)
 
         if out_of_time or (global_step % args.checkpointing_steps == 0 and not finished):
-            save_checkpoint(accelerator, args, global_step, config, batches)
+            save_checkpoint(accelerator, args, global_step, config, state, batches)
         if args.sample_every and global_step % args.sample_every == 0 and accelerator.is_main_process:
             with ema_weights(state.ema, state.unwrapped):
                 state.unwrapped.eval()
@@ -154,6 +198,16 @@ def main(args: argparse.Namespace) -> str:
         save_final(state.unwrapped, args, data, config)
     accelerator.end_training()
     return args.output_dir
+
+
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """``main`` for ``train_score_sde.py`` and ``scorekit train``: a run that cannot start as asked ends with its
+    message and exit status 1, without a traceback."""
+    args = parse_args(argv)
+    try:
+        return main(args)
+    except (TrainingSetupError, CorruptCheckpointError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 @contextlib.contextmanager
@@ -176,10 +230,13 @@ def save_final(model, args, data: TrainingData, config: dict) -> None:
     pipe = export_pipeline(model, args, data)
     pipe.save_pretrained(args.output_dir)
     Path(args.output_dir, RUN_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    # the end-of-run evaluation can take minutes: progress bars as diffusers' (TQDM_DISABLE=1 turns them off)
+    pipe.set_progress_bar_config(desc=f"{args.num_eval_samples} samples for the model card")
     samples = sample_pipeline(pipe, args.num_eval_samples, args.num_inference_steps, args.seed, data.is_image)
     sample_figure(samples, data, f"{type(pipe.scheduler).__name__}, {args.num_inference_steps} steps").save(
         os.path.join(args.output_dir, SAMPLE_IMAGE_NAME))
-    metrics = {"training length": training_length(config["result"]), **measure(pipe, args, data, samples)}
+    metrics = {"training length": training_length(config["result"]),
+               **measure(pipe, args, data, samples, progress=True)}
     for name, value in metrics.items():
         logger.info("%s: %s", name, value)
     write_model_card(args, pipe, data, metrics, config["result"]["steps"])
