@@ -5,7 +5,9 @@ every error is the sampler's own. Metrics per run: mode total variation, pooled 
 worst mode mean error, sliced Wasserstein-1 distance to a fresh true sample set, NaN flag and wall time; the
 noise floor is the same metrics on independent true sample sets of the same size.
 
-    PYTHONPATH=. python benchmarks/bench_oracle_samplers.py [--quick] [--out benchmarks/results/oracle_samplers.json]
+    PYTHONPATH=. python benchmarks/bench_oracle_samplers.py [--quick | --low_nfe] [--out benchmarks/results/oracle_samplers.json]
+
+``--low_nfe`` (issue #14) runs NFE 5-20: our DPM-Solver++ 2M against diffusers' strongest low-NFE settings.
 """
 
 import argparse
