@@ -12,13 +12,14 @@ Two paths solve the same augmented ODE ``[x, delta_log_p]`` with the same tolera
 Models: the exact score of a Gaussian mixture (the oracle, whose exact bits/dim are known) and a
 ``UNet2DModel`` with random weights on dequantised 8-bit images (size set by flags).
 
-    PYTHONPATH=. python benchmarks/bench_likelihood.py [--quick] [--device cpu] [--out benchmarks/results/likelihood.json]
+    PYTHONPATH=. python benchmarks/bench_likelihood.py [--quick] [--device cpu] [--repeats 3] [--out benchmarks/results/likelihood.json]
 """
 
 import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -72,32 +73,37 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_both(score_fn, x, rtol, atol, data, device, seed=0):
-    """Both paths on ``x`` with one shared Rademacher probe; bits/dim are per-sample means."""
+def time_both(score_fn, x, rtol, atol, data, device, repeats=1, seed=0):
+    """Both paths on ``x`` with one shared Rademacher probe, ``repeats`` rounds alternating between them so
+    that a change in the machine's load hits both; bits/dim are per-sample means, seconds the median round."""
     eps = default_sampling_eps(score_fn.sde)
     generator = torch.Generator(device).manual_seed(seed)
     probe = (2 * torch.randint(0, 2, x.shape, generator=generator, device=device) - 1).to(x.dtype)
+    seconds = {"scorekit": [], "score_sde": []}
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        ours = log_likelihood(
+            score_fn, x, rtol=rtol, atol=atol, sampling_eps=eps, data=data, generator=torch.Generator(device).manual_seed(seed)
+        )
+        synchronize(device)
+        seconds["scorekit"].append(time.perf_counter() - started)
 
-    synchronize(device)
-    started = time.perf_counter()
-    ours = log_likelihood(
-        score_fn, x, rtol=rtol, atol=atol, sampling_eps=eps, data=data, generator=torch.Generator(device).manual_seed(seed)
-    )
-    synchronize(device)
-    ours_time = time.perf_counter() - started
-
-    started = time.perf_counter()
-    reference = score_sde_log_likelihood(score_fn, x, probe, rtol, atol, eps, data)
-    synchronize(device)
-    reference_time = time.perf_counter() - started
+        started = time.perf_counter()
+        reference = score_sde_log_likelihood(score_fn, x, probe, rtol, atol, eps, data)
+        synchronize(device)
+        seconds["score_sde"].append(time.perf_counter() - started)
     return {
-        "scorekit": {"bits_per_dim": ours.bits_per_dim.mean().item(), "nfe": ours.nfe, "forwards": ours.nfe, "seconds": ours_time},
+        "scorekit": {"bits_per_dim": ours.bits_per_dim.mean().item(), "nfe": ours.nfe, "forwards": ours.nfe, "seconds": float(np.median(seconds["scorekit"])), "rounds_s": seconds["scorekit"]},
         "score_sde": {
             "bits_per_dim": reference["bits_per_dim"].mean().item(),
             "nfe": reference["nfe"],
             "forwards": 2 * reference["nfe"],
-            "seconds": reference_time,
+            "seconds": float(np.median(seconds["score_sde"])),
+            "rounds_s": seconds["score_sde"],
         },
+        "round_speedups": [theirs / ours_s for ours_s, theirs in zip(seconds["scorekit"], seconds["score_sde"])],
+        "load_average": os.getloadavg(),
     }
 
 
@@ -115,7 +121,7 @@ def oracle_case(args, device):
     x_0 = mixture.sample(args.oracle_samples, generator)
     x = a * x_0 + sigma * torch.randn(x_0.shape, generator=generator, dtype=torch.float64)
     exact = (-mixture.log_prob(x, a, sigma) / (2 * math.log(2))).mean().item()
-    result = time_both(ScoreFunction(model, sde, "epsilon", "continuous"), x.to(device), args.rtol, args.atol, "continuous", device)
+    result = time_both(ScoreFunction(model, sde, "epsilon", "continuous"), x.to(device), args.rtol, args.atol, "continuous", device, args.repeats)
     return {"model": f"oracle ring, {args.oracle_samples} samples", "exact_bits_per_dim": exact, **result}
 
 
@@ -142,14 +148,14 @@ def unet_case(args, device):
     sde = VPSDE()
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), generator=torch.Generator().manual_seed(0))
     x = dequantize_and_scale(images, torch.Generator().manual_seed(1)).to(device)
-    result = time_both(ScoreFunction(unet, sde, "epsilon", "continuous"), x, args.rtol, args.atol, "8bit", device)
+    result = time_both(ScoreFunction(unet, sde, "epsilon", "continuous"), x, args.rtol, args.atol, "8bit", device, args.repeats)
     parameters = sum(p.numel() for p in unet.parameters())
     name = f"UNet2DModel {args.image_size}x{args.image_size}x3, channels {channels}, {parameters / 1e6:.2f}M params, batch {args.batch_size}"
     return {"model": name, "exact_bits_per_dim": None, **result}
 
 
 def print_table(rows):
-    header = "| model | device | path | bits/dim | exact | NFE | forwards | wall s | speed-up |"
+    header = "| model | device | path | bits/dim | exact | NFE | forwards | median wall s | speed-up (per round) |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
@@ -157,7 +163,8 @@ def print_table(rows):
         speedup = row["score_sde"]["seconds"] / row["scorekit"]["seconds"]
         for path in ("scorekit", "score_sde"):
             r = row[path]
-            speed = f"{speedup:.2f}x" if path == "scorekit" else ""
+            rounds = ", ".join(f"{value:.2f}" for value in row.get("round_speedups", []))
+            speed = f"{speedup:.2f}x ({rounds})" if path == "scorekit" else ""
             print(f"| {row['model']} | {row['device']} | {path} | {r['bits_per_dim']:.4f} | {exact} | {r['nfe']} | {r['forwards']} | {r['seconds']:.2f} | {speed} |")
 
 
@@ -173,6 +180,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared or small CPU avoids spin-waits)")
     parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per case, alternating the two paths (median time)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--out", default="benchmarks/results/likelihood.json")
     args = parser.parse_args(argv)

@@ -5,7 +5,9 @@ every error is the sampler's own. Metrics per run: mode total variation, pooled 
 worst mode mean error, sliced Wasserstein-1 distance to a fresh true sample set, NaN flag and wall time; the
 noise floor is the same metrics on independent true sample sets of the same size.
 
-    PYTHONPATH=. python benchmarks/bench_oracle_samplers.py [--quick] [--out benchmarks/results/oracle_samplers.json]
+    PYTHONPATH=. python benchmarks/bench_oracle_samplers.py [--quick | --low_nfe] [--out benchmarks/results/oracle_samplers.json]
+
+``--low_nfe`` (issue #14) runs NFE 5-20: our DPM-Solver++ 2M against diffusers' strongest low-NFE settings.
 """
 
 import argparse
@@ -21,10 +23,13 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     ScoreSdeVeScheduler,
+    UniPCMultistepScheduler,
 )
 
 from diffusers_scorekit import (
@@ -96,11 +101,11 @@ def ddpm_oracle():
     return VPEulerMaruyamaScheduler.from_config(DDPM_CONFIG)
 
 
-def diffusers_ddpm_family(cls):
+def diffusers_ddpm_family(cls, **kwargs):
     # "linspace" spacing runs from timestep 999 to 0 as our DDPM-schedule grids do; no clipping of the predicted
     # x_0 to [-1, 1] (set in the DDPM config; an image prior that would cut the mixtures)
     config = {**DDPM_CONFIG, "timestep_spacing": "linspace", "clip_sample": False}
-    return lambda: cls.from_config(config)
+    return lambda: cls.from_config(config, **kwargs)
 
 
 def scorekit_on_ddpm(cls, **kwargs):
@@ -147,6 +152,39 @@ SAMPLERS = [
         score_sde_ve_loop,
         score_sde_ve_nfe,
     ),
+]
+
+
+# issue #14: diffusers' strongest low-NFE settings, all on the DDPM schedule the scorekit "_ddpm" rows share
+LOW_NFE_TARGETS = (5, 6, 8, 10, 12, 15, 20)
+LOW_NFE_PEERS = [
+    *[
+        Sampler(f"dpmsolver++_{order}m{suffix}", "diffusers", diffusers_ddpm_family(DPMSolverMultistepScheduler, solver_order=order, **kwargs), ddpm_oracle)
+        for order in (2, 3)
+        for suffix, kwargs in (("", {}), ("_lu", {"use_lu_lambdas": True}), ("_karras", {"use_karras_sigmas": True}))
+    ],
+    *[
+        Sampler(f"unipc_{variant}_order{order}{suffix}", "diffusers", diffusers_ddpm_family(UniPCMultistepScheduler, solver_type=variant, solver_order=order, **kwargs), ddpm_oracle)
+        for variant in ("bh1", "bh2")
+        for order in (2, 3)
+        for suffix, kwargs in (("", {}), ("_karras", {"use_karras_sigmas": True}))
+    ],
+    *[
+        Sampler(f"deis_order{order}", "diffusers", diffusers_ddpm_family(DEISMultistepScheduler, solver_order=order), ddpm_oracle)
+        for order in (2, 3)
+    ],
+    *[
+        Sampler(f"dpmsolver++_{order}s_singlestep", "diffusers", diffusers_ddpm_family(DPMSolverSinglestepScheduler, solver_order=order), ddpm_oracle)
+        for order in (2, 3)
+    ],
+]
+LOW_NFE_SAMPLERS = [
+    *[
+        Sampler(f"ode_vp_{solver}_{spacing}_ddpm", "scorekit", scorekit_on_ddpm(ProbabilityFlowODEScheduler, solver=solver, time_spacing=spacing))
+        for solver in ("dpm_solver_2m",)
+        for spacing in ("edm", "log_snr")
+    ],
+    *LOW_NFE_PEERS,
 ]
 
 
@@ -220,10 +258,10 @@ def format_value(value):
     return "inf" if math.isinf(value) else "nan" if math.isnan(value) else f"{value:.4f}"
 
 
-def pivot_table(rows, metric, targets):
+def pivot_table(rows, metric, targets, samplers):
     """Samplers x NFE target; the actual NFE in brackets where it differs from the target."""
     lines = ["| sampler | library | " + " | ".join(f"NFE {t}" for t in targets) + " |", "|---|---|" + "---:|" * len(targets)]
-    for sampler in SAMPLERS:
+    for sampler in samplers:
         cells = []
         for target in targets:
             row = next(r for r in rows if r["sampler"] == sampler.name and r["nfe_target"] == target)
@@ -278,10 +316,13 @@ def summary(results, targets):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer samples and NFE targets (a smoke run)")
-    parser.add_argument("--out", default="benchmarks/results/oracle_samplers.json")
+    parser.add_argument("--low_nfe", action="store_true", help="NFE 5-20: the ODE samplers against diffusers' low-NFE settings")
+    parser.add_argument("--out", default=None, help="defaults to benchmarks/results/oracle_samplers[_low_nfe].json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # faster here than two threads on a shared 2-core machine
-    targets = QUICK_NFE_TARGETS if args.quick else NFE_TARGETS
+    targets = LOW_NFE_TARGETS if args.low_nfe else QUICK_NFE_TARGETS if args.quick else NFE_TARGETS
+    samplers = LOW_NFE_SAMPLERS if args.low_nfe else SAMPLERS
+    args.out = args.out or f"benchmarks/results/oracle_samplers{'_low_nfe' if args.low_nfe else ''}.json"
     mixtures = {
         "ring": (GaussianMixture.ring(), 1000 if args.quick else 8000),
         "64d": (GaussianMixture.high_dimensional(dim=64), 500 if args.quick else 4000),
@@ -294,7 +335,7 @@ def main():
         sizes = sorted({sample_size(num_samples, target) for target in targets}, reverse=True)
         floors = {size: noise_floor(mixture, size, reference[:size], directions) for size in sizes}
         runs = []
-        for sampler in SAMPLERS:
+        for sampler in samplers:
             for target in targets:
                 size = sample_size(num_samples, target)
                 runs.append(run(sampler, mixture, size, target, reference[:size], directions))
@@ -304,8 +345,8 @@ def main():
     for name, result in results.items():
         print(f"\n## {name} ({result['num_samples']} samples; {result['num_samples'] // LONG_RUN_SAMPLE_FRACTION} at NFE >= {LONG_RUN_NFE})\n\nNoise floor:\n\n{floor_table(result['noise_floor'])}")
         for metric in METRICS:
-            print(f"\n{metric}:\n\n{pivot_table(result['runs'], metric, targets)}")
-        print(f"\nwall time (s):\n\n{pivot_table(result['runs'], 'wall_time_s', targets)}")
+            print(f"\n{metric}:\n\n{pivot_table(result['runs'], metric, targets, samplers)}")
+        print(f"\nwall time (s):\n\n{pivot_table(result['runs'], 'wall_time_s', targets, samplers)}")
     print(f"\n## Summary\n\n{summary(results, targets)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from diffusers_scorekit.likelihood import (
     encode,
     log_likelihood,
     ode_sample,
+    per_dimension_norm,
 )
 from diffusers_scorekit.mixture import GaussianMixture, marginal_at_timestep
 from diffusers_scorekit.parametrization import PREDICTION_TYPES
@@ -166,6 +167,14 @@ def test_prediction_and_timestep_types_agree():
     ]
     for result in results[1:]:
         assert torch.allclose(result.log_likelihood, results[0].log_likelihood, atol=1e-3)
+
+
+def test_error_norm_weighs_the_log_density_per_dimension():
+    # RMS of x's entries against RMS of delta_log_p / D: here sqrt(mean([9, 16, 0, 0])) = 2.5 against 12 / 4 = 3
+    norm = per_dimension_norm(4)
+    x_error = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    assert norm((x_error, torch.tensor([12.0, -12.0], dtype=torch.float64))).item() == pytest.approx(3.0)
+    assert norm((x_error, torch.tensor([4.0, 4.0], dtype=torch.float64))).item() == pytest.approx(2.5)
 
 
 def test_eight_bit_convention():
