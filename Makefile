@@ -22,28 +22,33 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow -n 2
 
-# Mutation testing of the core modules, one module (or part of one) at a time so that a stopped run keeps what it
-# finished; about an hour on 2 cores, so not in CI. Settings in pyproject.toml [tool.mutmut]; findings in TESTING.md.
+# Mutation testing of the core modules, one module (or part of one) at a time against its own test files, so that
+# a stopped run keeps what it finished; about an hour on 2 cores, so not in CI. Each entry is
+# mutant-name-pattern=test files. Settings in pyproject.toml [tool.mutmut]; the last run's findings in TESTING.md.
 MUTATION_SCOPES ?= \
-	'diffusers_scorekit.sde.*' \
-	'diffusers_scorekit.parametrization.*' \
-	'diffusers_scorekit.losses.*' \
-	'diffusers_scorekit.schedulers.*' \
-	'diffusers_scorekit.likelihood.*' \
-	'diffusers_scorekit.pipelines.score_sde.*_model_output*' \
-	'diffusers_scorekit.pipelines.score_sde.*_add_classifier_gradient*' \
-	'diffusers_scorekit.pipelines.score_sde.*null_class_label*' \
-	'diffusers_scorekit.pipelines.score_sde.*inpaint*' \
-	'diffusers_scorekit.metrics.x_gaussian_statistics*' \
-	'diffusers_scorekit.metrics.x__psd_square_root*' \
-	'diffusers_scorekit.metrics.x_frechet_distance*' \
-	'diffusers_scorekit.metrics.x_kth_neighbour_radius*' \
-	'diffusers_scorekit.metrics.x__ball_membership*' \
-	'diffusers_scorekit.metrics.x_precision_recall*' \
-	'diffusers_scorekit.metrics.x_knn_coverage*'
+	'diffusers_scorekit.sde.*=test_sde.py,test_exact_gaps.py,test_losses.py' \
+	'diffusers_scorekit.parametrization.*=test_sde.py,test_exact_gaps.py,test_schedulers.py' \
+	'diffusers_scorekit.pipelines.score_sde.*_model_output*=test_pipeline.py,test_exact_gaps.py' \
+	'diffusers_scorekit.pipelines.score_sde.*_add_classifier_gradient*=test_pipeline.py,test_exact_gaps.py' \
+	'diffusers_scorekit.pipelines.score_sde.*null_class_label*=test_pipeline.py,test_exact_gaps.py' \
+	'diffusers_scorekit.pipelines.score_sde.*inpaint*=test_pipeline.py,test_exact_gaps.py' \
+	'diffusers_scorekit.metrics.x_gaussian_statistics*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x__psd_square_root*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x_frechet_distance*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x_kth_neighbour_radius*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x__ball_membership*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x_precision_recall*=test_metrics.py' \
+	'diffusers_scorekit.metrics.x_knn_coverage*=test_metrics.py' \
+	'diffusers_scorekit.losses.*=test_losses.py,test_exact_gaps.py' \
+	'diffusers_scorekit.schedulers.sde_updates.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
+	'diffusers_scorekit.schedulers.linear_combination.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
+	'diffusers_scorekit.schedulers.scheduling_*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
+	'diffusers_scorekit.likelihood.*=test_likelihood.py,test_pipeline_likelihood.py'
 
 mutation: $(VENV)/.installed
-	for scope in $(MUTATION_SCOPES); do OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "$$scope" || exit 1; done
+	for entry in $(MUTATION_SCOPES); do \
+		MUTATION_TEST_FILES="$${entry#*=}" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "$${entry%%=*}" || exit 1; \
+	done
 	$(PY) tools/mutation_report.py $(VENV)/bin/mutmut
 
 clean:

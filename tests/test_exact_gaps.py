@@ -4,6 +4,7 @@ one-line bug it is there to catch)."""
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import ScoreSdeVeScheduler
@@ -322,3 +323,97 @@ def test_ema_weights_are_the_exact_average_of_the_trajectory(tmp_path):
         assert torch.allclose(saved[name], expected, rtol=1e-5, atol=1e-7), name
     # and the last raw weights differ from the EMA, so the check is not vacuous
     assert not all(torch.allclose(w, e, rtol=1e-5, atol=1e-7) for w, e in zip(trajectory[-1], ema))
+
+
+# --- the SDE interface that only the likelihood and samplers call -------------------------------------------
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 5.0), VPSDE(0.1, 20.0), SubVPSDE.from_ddpm_schedule(num_train_timesteps=9)],
+                         ids=repr)
+def test_drift_diffusion_and_prior_sampling(sde):
+    x = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    assert torch.equal(sde.drift(x, t), sde.drift_coefficient(t).reshape(3, 1, 1) * x)
+    assert torch.equal(sde.drift(x, 0.5), sde.drift_coefficient(0.5) * x)
+    assert torch.allclose(sde.diffusion(t) ** 2, sde.diffusion_squared(t), rtol=1e-14)
+    draw = sde.prior_sampling((4, 3), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * sde.prior_std
+    assert draw.dtype == torch.float64 and draw.device.type == "cpu" and torch.equal(draw, expected)
+
+
+def test_sde_reprs_name_their_parameters():
+    assert repr(VESDE(0.01, 5.0)) == "VESDE(sigma_min=0.01, sigma_max=5.0)"
+    assert repr(VPSDE(0.1, 20.0)) == "VPSDE(beta_min=0.1, beta_max=20.0)"
+    assert repr(SubVPSDE.from_alphas_cumprod([0.9, 0.5, 0.1])) == "SubVPSDE(discrete schedule with 3 steps)"
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(num_train_timesteps=50, beta_start=2e-4, beta_end=0.03,
+                                              beta_schedule="scaled_linear"),
+                                    dict(num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4])])
+def test_ddpm_alphas_cumprod_is_diffusers_own(kwargs):
+    from diffusers import DDPMScheduler
+
+    from diffusers_scorekit.sde import ddpm_alphas_cumprod
+
+    ours = ddpm_alphas_cumprod(**kwargs)
+    assert ours.dtype == torch.float64
+    assert torch.equal(ours, DDPMScheduler(**kwargs).alphas_cumprod.to(torch.float64))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+def test_discrete_schedule_checks_its_table_and_reads_it_in_float64():
+    with pytest.raises(ValueError, match="at least 2"):
+        VPSDE.from_alphas_cumprod([0.5])
+    with pytest.raises(ValueError, match="1-D"):
+        VPSDE.from_alphas_cumprod([[0.9, 0.5], [0.4, 0.1]])
+    with pytest.raises(ValueError, match="non-increasing"):
+        VPSDE.from_alphas_cumprod([0.5, 0.9])
+    with pytest.raises(ValueError, match="finite"):
+        VPSDE.from_alphas_cumprod([0.9, 0.0])
+    # two entries and flat stretches are fine; the lower clamp keeps t = -0 on the first segment
+    two = VPSDE.from_alphas_cumprod([0.9, 0.4])  # one segment, both end slopes its secant: log-linear
+    logs = torch.tensor([math.log(0.9), 0.5 * (math.log(0.9) + math.log(0.4)), math.log(0.4)], dtype=torch.float64)
+    assert torch.allclose(two.log_alpha_bar([0.0, 0.5, 1.0]), logs, rtol=1e-13)
+    assert torch.allclose(two.beta([0.0, 0.3, 1.0]), torch.full((3,), math.log(0.9 / 0.4), dtype=torch.float64))
+    flat = VPSDE.from_alphas_cumprod([0.9, 0.9, 0.5])
+    assert flat.beta(0.25).item() == 0.0
+    assert torch.allclose(flat.log_alpha_bar(torch.tensor([-1e-12], dtype=torch.float64)),
+                          torch.tensor([math.log(0.9)], dtype=torch.float64), rtol=1e-12)
+    table32 = torch.tensor([0.999, 0.7, 0.3], dtype=torch.float32)
+    knots = VPSDE.from_alphas_cumprod(table32).log_alpha_bar(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(knots, table32.double().log(), rtol=1e-14)
+
+
+def test_discrete_schedule_slopes_at_inner_knots_are_harmonic_means():
+    """Fritsch-Carlson: at an inner knot, d log alpha_bar / dt is the harmonic mean of the two secants (0 where
+    they differ in sign or one is 0), which is what keeps the interpolant monotone."""
+    table = np.array([0.99, 0.95, 0.8, 0.5, 0.3])
+    secants = np.diff(np.log(table)) * 4
+    harmonic = 2 / (1 / secants[:-1] + 1 / secants[1:])
+    sde = VPSDE.from_alphas_cumprod(table)
+    inner = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    assert np.allclose(sde.beta(inner).numpy(), -harmonic, rtol=1e-12)
+    flat = VPSDE.from_alphas_cumprod([0.9, 0.9, 0.5])
+    assert flat.beta(torch.tensor([0.25, 0.5], dtype=torch.float64)).tolist() == [0.0, 0.0]
+
+
+def test_build_sde_defaults_and_keywords():
+    from diffusers import DDPMScheduler
+
+    from diffusers_scorekit.sde import build_sde
+
+    assert repr(build_sde("ve")) == "VESDE(sigma_min=0.01, sigma_max=50.0)"
+    assert repr(build_sde("ve", sigma_min=0.02, sigma_max=7.0)) == "VESDE(sigma_min=0.02, sigma_max=7.0)"
+    assert repr(build_sde("vp")) == "VPSDE(beta_min=0.1, beta_max=20.0)"
+    assert repr(build_sde("subvp", beta_min=0.2, beta_max=9.0)) == "SubVPSDE(beta_min=0.2, beta_max=9.0)"
+    cases = [(dict(beta_schedule="linear"), {}),
+             (dict(beta_schedule="scaled_linear", num_train_timesteps=30, beta_start=1e-3, beta_end=0.05),
+              dict(beta_schedule="scaled_linear", num_train_timesteps=30, beta_start=1e-3, beta_end=0.05))]
+    for sde_type in ("vp", "subvp"):
+        for ours, theirs in cases:
+            sde = build_sde(sde_type, **ours)
+            num_steps = theirs.get("num_train_timesteps", 1000)
+            knots = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+            expected = DDPMScheduler(**theirs).alphas_cumprod.to(torch.float64).log()
+            assert torch.allclose(sde.log_alpha_bar(knots), expected, rtol=1e-12, atol=1e-14)
+            assert type(sde).__name__ == ("VPSDE" if sde_type == "vp" else "SubVPSDE")
