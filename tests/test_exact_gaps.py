@@ -417,3 +417,16 @@ def test_build_sde_defaults_and_keywords():
             expected = DDPMScheduler(**theirs).alphas_cumprod.to(torch.float64).log()
             assert torch.allclose(sde.log_alpha_bar(knots), expected, rtol=1e-12, atol=1e-14)
             assert type(sde).__name__ == ("VPSDE" if sde_type == "vp" else "SubVPSDE")
+
+
+def test_unknown_conventions_are_named_in_the_error():
+    from diffusers_scorekit import parametrization as p
+
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    for call in (lambda: p.epsilon_and_sample(x, x, 1.0, 0.5, "eps"), lambda: p.model_target(x, x, 1.0, 0.5, "eps")):
+        with pytest.raises(ValueError, match="'eps'"):
+            call()
+    sde = VESDE(0.01, 5.0)
+    for call in (lambda: p.timestep_from_t(0.5, sde, "time", 1000), lambda: p.t_from_timestep(0.5, sde, "time", 1000)):
+        with pytest.raises(ValueError, match="'time'"):
+            call()
