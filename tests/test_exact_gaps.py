@@ -430,3 +430,39 @@ def test_unknown_conventions_are_named_in_the_error():
     for call in (lambda: p.timestep_from_t(0.5, sde, "time", 1000), lambda: p.t_from_timestep(0.5, sde, "time", 1000)):
         with pytest.raises(ValueError, match="'time'"):
             call()
+
+
+def test_time_arithmetic_is_float64_and_coefficients_take_the_data_dtype():
+    from diffusers_scorekit.sde import as_time, broadcast_like, default_sampling_eps
+
+    for t in (1, 0.5, [0, 1], np.array([0.25], dtype=np.float32), torch.tensor([0.5], dtype=torch.float32)):
+        assert as_time(t).dtype == torch.float64
+    x = torch.ones(2, 3, dtype=torch.float32)
+    coefficient = broadcast_like(torch.tensor([1.0, 2.0], dtype=torch.float64), x)
+    assert coefficient.dtype == torch.float32 and coefficient.shape == (2, 1)
+    assert broadcast_like(torch.tensor(3.0, dtype=torch.float64), x).dtype == torch.float32
+    assert default_sampling_eps(VESDE()) == 1e-5 and default_sampling_eps(VPSDE()) == 1e-3
+    assert default_sampling_eps(SubVPSDE.from_ddpm_schedule(num_train_timesteps=10)) == 0.0
+
+
+def test_sde_parameters_defaults_and_ranges():
+    assert repr(VESDE()) == "VESDE(sigma_min=0.01, sigma_max=50.0)"
+    assert repr(VPSDE()) == "VPSDE(beta_min=0.1, beta_max=20.0)"
+    assert repr(SubVPSDE()) == "SubVPSDE(beta_min=0.1, beta_max=20.0)"
+    VPSDE(0.0, 1.0)  # beta_min = 0 is allowed
+    for make in (lambda: VESDE(0.0, 1.0), lambda: VESDE(1.0, 1.0)):
+        with pytest.raises(ValueError, match="sigma_min"):
+            make()
+    with pytest.raises(ValueError, match="beta_min"):
+        VPSDE(1.0, 1.0)
+
+
+def test_trained_betas_win_over_a_schedule_name_and_negative_time_stays_on_the_first_segment():
+    from diffusers_scorekit.sde import build_sde
+
+    betas = [0.1, 0.2, 0.3, 0.4]
+    sde = build_sde("vp", beta_schedule="linear", trained_betas=betas, num_train_timesteps=4)
+    expected = torch.tensor(np.cumprod(1 - np.array(betas, dtype=np.float32)), dtype=torch.float64)
+    assert torch.allclose(sde.log_alpha_bar(torch.arange(4, dtype=torch.float64) / 3).exp(), expected, rtol=1e-6)
+    flat = VPSDE.from_alphas_cumprod([0.9, 0.9, 0.5])  # first segment constant, so is its extrapolation
+    assert flat.log_alpha_bar(torch.tensor([-0.1], dtype=torch.float64)).item() == pytest.approx(math.log(0.9), abs=1e-14)
