@@ -466,3 +466,15 @@ def test_trained_betas_win_over_a_schedule_name_and_negative_time_stays_on_the_f
     assert torch.allclose(sde.log_alpha_bar(torch.arange(4, dtype=torch.float64) / 3).exp(), expected, rtol=1e-6)
     flat = VPSDE.from_alphas_cumprod([0.9, 0.9, 0.5])  # first segment constant, so is its extrapolation
     assert flat.log_alpha_bar(torch.tensor([-0.1], dtype=torch.float64)).item() == pytest.approx(math.log(0.9), abs=1e-14)
+
+
+def test_gaussian_statistics_of_two_points_and_its_errors():
+    from diffusers_scorekit.metrics import gaussian_statistics
+
+    mean, covariance = gaussian_statistics(torch.tensor([[0.0, 1.0], [2.0, 5.0]]))
+    assert torch.equal(mean, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert torch.equal(covariance, torch.tensor([[2.0, 4.0], [4.0, 8.0]], dtype=torch.float64))  # unbiased
+    with pytest.raises(ValueError, match="at least 2 points"):
+        gaussian_statistics(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="^features must have shape"):
+        gaussian_statistics(torch.ones(4))

@@ -2,7 +2,7 @@
 
 Prints, for each module, how many mutants the tests killed, how many survived, timed out or had no covering
 test, and the score killed / (killed + survived + no tests); then the surviving mutants' names, which
-``mutmut show NAME`` prints as a diff. A timeout counts as killed (the mutant made the tests hang).
+``mutmut show NAME`` prints as a diff. A timeout counts as killed (the mutant made the tests hang); "not run" are mutants not yet run.
 """
 
 import collections
@@ -24,14 +24,14 @@ def main(mutmut: str = "mutmut") -> None:
         counts[module][status] += 1
         if status in ("survived", "no tests"):
             survivors.append(f"{status}: {name}")
-    print(f"{'module':55} {'killed':>7} {'survived':>8} {'no tests':>8} {'other':>6} {'score':>6}")
+    print(f"{'module':58} {'killed':>7} {'survived':>8} {'no tests':>8} {'not run':>7} {'score':>6}")
     for module, count in sorted(counts.items()):
         killed = sum(count[s] for s in KILLED)
         survived, untested = count["survived"], count["no tests"]
         other = sum(count.values()) - killed - survived - untested
         checked = killed + survived + untested
         score = f"{100 * killed / checked:.1f}%" if checked else "-"
-        print(f"{module:55} {killed:7} {survived:8} {untested:8} {other:6} {score:>6}")
+        print(f"{module:58} {killed:7} {survived:8} {untested:8} {other:7} {score:>6}")
     print("\n".join(survivors))
 
 
