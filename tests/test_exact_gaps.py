@@ -478,3 +478,15 @@ def test_gaussian_statistics_of_two_points_and_its_errors():
         gaussian_statistics(torch.ones(1, 3))
     with pytest.raises(ValueError, match="^features must have shape"):
         gaussian_statistics(torch.ones(4))
+
+
+def test_neighbour_radii_balls_are_closed_and_statistics_shapes_are_checked():
+    from diffusers_scorekit.metrics import frechet_distance_from_statistics, kth_neighbour_radius, precision_recall
+
+    real = torch.tensor([[0.0], [1.0], [3.0]])
+    assert kth_neighbour_radius(real, 1).tolist() == [1.0, 1.0, 2.0]  # k = 1 is the nearest neighbour
+    # -1 lies exactly on the ball of radius 1 around 0: inside (closed balls, as in Kynkaanniemi et al.)
+    assert precision_recall(real, torch.tensor([[-1.0], [10.0]]), k=1)["precision"] == 0.5
+    mean, covariance = torch.zeros(2), torch.eye(2)
+    with pytest.raises(ValueError):
+        frechet_distance_from_statistics(mean, covariance, mean, torch.eye(3))
