@@ -372,14 +372,20 @@ def log_likelihood(
     )
 
 
-def dequantize_and_scale(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """8-bit images (uint8, or floats holding the integers 0..255) to ``2 (k + u) / 256 - 1`` in [-1, 1]
-    (float32), with uniform dequantisation noise ``u ~ U[0, 1)``; use with ``log_likelihood(..., data="8bit")``."""
+def eight_bit_levels(images: torch.Tensor) -> torch.Tensor:
+    """8-bit images (uint8, or floats holding the integers 0..255) as float32 levels ``k``, checked."""
     images = torch.as_tensor(images)
     if images.dtype.is_complex or images.dtype == torch.bool:
         _fail("images.dtype", images.dtype, "give uint8 or real-valued integers in [0, 255]")
     levels = images.to(torch.float32)
     if levels.numel() and (levels.min() < 0 or levels.max() > 255 or not torch.equal(levels, levels.round())):
         _fail("images", f"values in [{levels.min().item()}, {levels.max().item()}]", "give integers in [0, 255]")
+    return levels
+
+
+def dequantize_and_scale(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """8-bit images (uint8, or floats holding the integers 0..255) to ``2 (k + u) / 256 - 1`` in [-1, 1]
+    (float32), with uniform dequantisation noise ``u ~ U[0, 1)``; use with ``log_likelihood(..., data="8bit")``."""
+    levels = eight_bit_levels(images)
     noise = torch.rand(levels.shape, generator=generator, device=levels.device, dtype=torch.float32)
     return 2 * (levels + noise) / 256 - 1

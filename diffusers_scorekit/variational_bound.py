@@ -58,7 +58,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .likelihood import DATA_TYPES, EIGHT_BIT_BPD_OFFSET, _check_batch, _check_choice, _fail, _resolve_sampling_eps
+from .likelihood import (DATA_TYPES, EIGHT_BIT_BPD_OFFSET, _check_batch, _check_choice, _fail, _resolve_sampling_eps,
+                         eight_bit_levels)
 from .score_function import ScoreFunction
 from .sde import SDE, VPSDE, InterpolatedBetaSchedule, broadcast_like
 
@@ -94,13 +95,7 @@ class VariationalBoundOutput:
 def to_bin_centres(images: torch.Tensor) -> torch.Tensor:
     """8-bit images (uint8, or floats holding the integers 0..255) to ``2 k / 255 - 1`` in [-1, 1] (float32), the
     scaling diffusers trains DDPMs on; use with ``ddpm_variational_bound(..., data="8bit")``."""
-    levels = torch.as_tensor(images)
-    if levels.dtype.is_complex or levels.dtype == torch.bool:
-        _fail("images.dtype", levels.dtype, "give uint8 or real-valued integers in [0, 255]")
-    levels = levels.to(torch.float32)
-    if levels.numel() and (levels.min() < 0 or levels.max() > 255 or not torch.equal(levels, levels.round())):
-        _fail("images", f"values in [{levels.min().item()}, {levels.max().item()}]", "give integers in [0, 255]")
-    return levels * (2.0 / 255) - 1
+    return eight_bit_levels(images) * (2.0 / 255) - 1
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
