@@ -65,8 +65,8 @@ MUTATION_SCOPES ?= \
 	'diffusers_scorekit.schedulers.linear_combination.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
 	'diffusers_scorekit.schedulers.scheduling_*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
 	'diffusers_scorekit.likelihood.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py' \
-	'diffusers_scorekit.training.checkpoints.*=test_training_checkpoints.py,test_exact_gaps.py' \
-	'diffusers_scorekit.training.loop.x_ema_weights*=test_training_checkpoints.py,test_exact_gaps.py'
+	'diffusers_scorekit.training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
+	'diffusers_scorekit.training.step.x_prepare_training*=test_exact_gaps.py,test_training.py'
 
 mutation: $(VENV)/.installed
 	for entry in $(MUTATION_SCOPES); do \
