@@ -345,3 +345,77 @@ def test_two_processes_with_torchrun_on_cpus(tmp_path):
     assert sorted(p.name for p in (training.checkpoints_dir(output_dir) / "checkpoint-2").glob("random_states_*")) \
         == ["random_states_0.safetensors", "random_states_1.safetensors"]
     assert (output_dir / WEIGHTS).is_file()
+
+
+# --- what a checkpoint records, and what resuming compares ---------------------------------------------------
+
+
+def _saved_run_config(output_dir, checkpoint="checkpoint-11"):
+    return json.loads((training.checkpoints_dir(output_dir) / checkpoint / training.RUN_CONFIG_NAME).read_text())
+
+
+def test_the_run_config_records_the_model_the_sde_the_data_and_the_settings(twelve_steps):
+    from diffusers_scorekit import ScoreSDEPipeline
+
+    saved = _saved_run_config(twelve_steps)
+    args = training.parse_args([*TINY_TOY, "--max_train_steps", "12", "--output_dir", str(twelve_steps)])
+    unet = ScoreSDEPipeline.from_pretrained(twelve_steps).unet
+    assert saved["model"] == {"class": "ScoreMLP", "config": json.loads(json.dumps(
+        {key: value for key, value in unet.config.items() if not key.startswith("_")}))}
+    assert saved["model"]["config"]["hidden_dim"] == 32 and saved["model"]["config"]["num_layers"] == 2
+    assert saved["sde"] == training.sde_config(args)
+    data = training.load_data(args)
+    assert saved["data"] == {"description": data.description, "normalization": data.normalization,
+                             "class_names": data.class_names}
+    assert {"dataset": "two_moons", "num_toy_samples": 2000, "train_batch_size": 64, "lr_warmup_steps": 5,
+            "use_ema": True, "seed": args.seed}.items() <= saved["training"].items()
+    assert set(training.SPEED_SWITCHES) <= set(saved["training"])
+
+
+def test_resuming_refuses_a_different_model_or_sde_and_names_every_difference(twelve_steps):
+    checkpoint = training.checkpoints_dir(twelve_steps) / "checkpoint-11"
+    current = _saved_run_config(twelve_steps)
+    current["model"]["config"]["hidden_dim"] = 16
+    current["model"]["config"]["added"] = 1
+    with pytest.raises(ValueError, match=r"^cannot resume from .*checkpoint-11: its model differs from this run's "
+                       r"\(config\.added: checkpoint None, now 1; config\.hidden_dim: checkpoint 32, now 16\)\.$"):
+        training.check_resumable(checkpoint, current)
+
+    current = _saved_run_config(twelve_steps)
+    current["sde"]["sigma_max"] = 7.0
+    with pytest.raises(ValueError, match=r"its sde differs from this run's \(sigma_max: checkpoint [0-9.]+, now 7\.0\)"):
+        training.check_resumable(checkpoint, current)
+
+
+def test_resuming_with_other_training_settings_warns_with_each_of_them(twelve_steps, caplog):
+    checkpoint = training.checkpoints_dir(twelve_steps) / "checkpoint-11"
+    current = _saved_run_config(twelve_steps)
+    training.check_resumable(checkpoint, current)
+    assert "different training settings" not in caplog.text
+
+    current["training"]["learning_rate"] = 0.5
+    current["training"]["seed"] = 99
+    training.check_resumable(checkpoint, current)
+    saved = _saved_run_config(twelve_steps)["training"]
+    assert (f"with different training settings (learning_rate: checkpoint {saved['learning_rate']!r}, now 0.5; "
+            f"seed: checkpoint {saved['seed']!r}, now 99)") in caplog.text
+
+
+@pytest.mark.parametrize("pickle_name", ["optimizer.bin", "model.pt", "states.pkl"])
+def test_a_folder_of_pickles_is_refused_whatever_their_suffix(tmp_path, pickle_name):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / pickle_name).write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not a pickle")
+    with pytest.raises(training.CorruptCheckpointError, match=rf"training_state.json is missing; {pickle_name} are "
+                       r"pickles, which are never loaded$"):
+        training.read_checkpoint(folder)
+
+
+@pytest.mark.parametrize("state", [{"format": 2, "files": {}, "step": 3}, {"format": 1, "step": 3}, [1]])
+def test_a_training_state_of_another_format_is_refused(tmp_path, state):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / training.TRAINING_STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(training.CorruptCheckpointError, match="is not a checkpoint description of format 1$"):
+        training.read_checkpoint(folder)
