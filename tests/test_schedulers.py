@@ -417,3 +417,19 @@ def test_heun_begun_at_a_correction_keeps_the_euler_step():
     assert scheduler.step_index == 2
     x, _ = _loop_from(scheduler, model, out.prev_sample, 2)
     assert torch.isfinite(x).all()
+
+
+def test_linear_combination_arithmetic_evaluation_and_repr():
+    from diffusers_scorekit.schedulers.linear_combination import LinearCombination
+
+    x, eps = LinearCombination.symbol("x"), LinearCombination.symbol("eps")
+    update = 0.5 * x - eps / 4 + 2 * (eps - x)
+    assert update.coefficients == {"x": -1.5, "eps": 1.75}
+    assert repr(update) == "-1.5 x + 1.75 eps"
+    assert (x - x).inputs == () and (x + 0 * eps).inputs == ("x",)
+    tensors = {"x": torch.tensor([1.0, -2.0]), "eps": torch.tensor([4.0, 8.0])}
+    assert torch.equal(update(tensors), torch.tensor([-1.5 + 7.0, 3.0 + 14.0]))
+    with pytest.raises(TypeError, match="only numbers scale a LinearCombination"):
+        x * eps
+    with pytest.raises(ValueError, match="no non-zero coefficient"):
+        (x - x)(tensors)
