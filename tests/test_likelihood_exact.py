@@ -7,6 +7,8 @@ by hand: with ``Delta = sigma(1)^2 - sigma(eps)^2`` the latent is ``expm(-Delta 
 ``M`` is not diagonal, so every probe value shows in the answer.
 """
 
+import re
+
 import pytest
 import torch
 import torchdiffeq
@@ -70,7 +72,8 @@ def test_hutchinson_integral_uses_the_probes_drawn_from_the_generator(probe, num
     probes = probes_for(x, num_probes, probe, 11)
     quadratic_forms = ((probes @ M.T) * probes).sum(-1).mean(0)  # mean over probes of v^T M v, per sample
     delta = flow_integral()
-    assert torch.allclose(out.delta_log_p, -0.5 * delta * quadratic_forms, rtol=1e-7, atol=1e-9)
+    # tight enough that float32 probes (rounded at 6e-8) would show
+    assert torch.allclose(out.delta_log_p, -0.5 * delta * quadratic_forms, rtol=1e-8, atol=0)
     assert torch.allclose(out.latent, x @ torch.linalg.matrix_exp(-0.5 * delta * M).T, rtol=1e-7, atol=1e-9)
     assert torch.allclose(out.log_likelihood, SDE.prior_log_prob(out.latent) + out.delta_log_p, rtol=1e-12)
 
@@ -86,6 +89,26 @@ def test_the_model_is_never_called_outside_the_flows_time_range():
     decode(score_fn, latent)
     # the model gets the time in float32
     assert torch.tensor(eps, dtype=torch.float32).item() <= min(score_fn.model.times) and max(score_fn.model.times) <= 1.0
+
+
+@pytest.mark.parametrize("method, new_evaluations_per_step", [("dopri5", 6), ("bosh3", 3)])
+def test_the_first_steps_evaluations_are_shared_with_the_solver(method, new_evaluations_per_step):
+    """Two evaluations start a solve (the derivative at the start and the probe that sizes the first step); every
+    step after that, accepted or rejected, costs its stages less the one it shares with the last (FSAL)."""
+    score_fn, x = linear_score_function(), x_batch()
+    for run in (lambda: encode(score_fn, x, method=method), lambda: log_likelihood(score_fn, x, method=method)):
+        calls_before = len(score_fn.model.times) // len(x)
+        nfe = run().nfe
+        assert nfe == len(score_fn.model.times) // len(x) - calls_before
+        assert nfe % new_evaluations_per_step == 2 and nfe > 2 * new_evaluations_per_step
+
+
+def test_a_batch_of_one_is_a_batch():
+    score_fn, x = linear_score_function(), x_batch()
+    alone = log_likelihood(score_fn, x[:1], divergence="exact", **TIGHT)
+    together = log_likelihood(score_fn, x, divergence="exact", **TIGHT)
+    assert torch.allclose(alone.log_likelihood, together.log_likelihood[:1], rtol=1e-9)
+    assert torch.allclose(alone.bits_per_dim, together.bits_per_dim[:1], rtol=1e-9)
 
 
 def test_exact_divergence_is_the_trace():
@@ -205,7 +228,8 @@ def test_ode_sample_draws_its_latent_from_the_generator_in_the_given_dtype():
 @pytest.mark.parametrize("shape", [(4,), (4, 0), (4, 2.0), (0, 2)])
 def test_ode_sample_rejects_shapes_that_are_not_positive_ints(shape):
     score_fn, _ = gaussian_score_function()
-    with pytest.raises(ValueError, match=r"^shape_or_latent=.* positive ints"):
+    message = f"shape_or_latent={shape!r} is not supported; give a latent tensor or a shape (batch, ...) of positive ints."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         ode_sample(score_fn, shape)
 
 
@@ -239,6 +263,12 @@ def test_eight_bit_likelihood_needs_the_unit_range_and_accepts_its_ends(low, hig
     else:
         with pytest.raises(ValueError, match=r"^x='values in \[.*\]' is not supported; data=\"8bit\" needs"):
             log_likelihood(linear_score_function(), x, data="8bit", divergence="exact")
+
+
+def test_eight_bit_levels_name_the_values_out_of_range():
+    with pytest.raises(ValueError, match=r"^images='values in \[1\.5, 300\.0\]' is not supported; give integers in "
+                       r"\[0, 255\]\.$"):
+        eight_bit_levels(torch.tensor([1.5, 300.0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
