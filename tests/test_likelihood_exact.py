@@ -251,6 +251,22 @@ def test_errors_name_the_argument():
         bits_per_dim(torch.zeros(1), 2, data="16bit")
     with pytest.raises(ValueError, match=r"^num_probes=0 is not supported; it must be a positive int\.$"):
         log_likelihood(score_fn, x_batch(), num_probes=0)
+    with pytest.raises(ValueError, match=r"^atol=0 is not supported; it must be a positive number\.$"):
+        encode(score_fn, x_batch(), atol=0)
+    with pytest.raises(ValueError, match=r"^rtol=-1 is not supported; it must be a positive number\.$"):
+        decode(score_fn, x_batch(), rtol=-1)
+    with pytest.raises(ValueError, match=r"^x is an empty batch \(shape \(0, 2\)\): there is nothing to integrate\.$"):
+        encode(score_fn, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match=r"with at least 2 dimensions, got <class 'list'>\.$"):
+        encode(score_fn, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"got tensor of dtype torch\.int64 and shape \(3, 2\)\.$"):
+        encode(score_fn, torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^sampling_eps=1\.0 is not supported; it must lie in \[0, 1\)\.$"):
+        encode(score_fn, x_batch(), sampling_eps=1.0)
+    vp_score_fn, _ = gaussian_score_function()
+    with pytest.raises(ValueError, match=r"^sampling_eps=0 is not supported; sigma\(sampling_eps\) is 0 for this SDE, "
+                       r"where the score is undefined\.$"):
+        encode(vp_score_fn, x_batch(), sampling_eps=0)
 
 
 @pytest.mark.parametrize("low, high, accepted", [(-1.0, 1.0, True), (0.5, 0.5, True), (-1.5, 0.0, False),
@@ -284,3 +300,93 @@ def test_dequantisation_is_levels_plus_the_generators_uniform_noise():
     noise = torch.rand(levels.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float32)
     assert scaled.dtype == torch.float32
     assert torch.equal(scaled, 2 * (levels.to(torch.float32) + noise) / 256 - 1)
+
+
+# --- the first step: Hairer, Norsett and Wanner's rule, inside the interval ----------------------------------
+
+
+class Recorded:
+    """``dy/dt = rate * y``; records where it is evaluated."""
+
+    def __init__(self, rate):
+        self.rate, self.points = rate, []
+
+    def __call__(self, t, y):
+        self.points.append((float(t), y.clone()))
+        return self.rate * y
+
+
+def first_step(rate, times, order=5, rtol=1e-3, atol=1e-3):
+    from diffusers_scorekit.likelihood import _initial_step, _rms
+
+    dynamics = Recorded(rate)
+    state = torch.ones(2, dtype=torch.float64)
+    times = torch.tensor(times, dtype=torch.float64)
+    step = _initial_step(dynamics, state, rate * state, times, rtol, atol, _rms, order)
+    return step, dynamics.points
+
+
+# With y = 1 and rtol = atol = 1e-3 every entry's scale is 2e-3, so d0 = 500 and d1 = 1000 |rate| / 2; the probe
+# at h0 gives d2 = |rate|^2 / 2e-3 (the change of f over h0, scaled, divided by h0).
+@pytest.mark.parametrize("times, probe_time, probe_value", [([0.0, 1.0], 0.005, 0.99), ([1.0, 0.0], 0.995, 1.01)])
+def test_first_step_of_a_linear_decay(times, probe_time, probe_value):
+    step, points = first_step(-2.0, times)  # h0 = 0.01 * 500 / 1000, d2 = 2000: h1 = (0.01 / 2000)^(1/5)
+    assert step == pytest.approx((0.01 / 2000) ** (1 / 5), rel=1e-12)
+    [(t, y)] = points
+    assert t == pytest.approx(probe_time, rel=1e-12) and torch.allclose(y, torch.full((2,), probe_value, dtype=torch.float64), rtol=1e-12)
+    assert first_step(-2.0, times, order=3)[0] == pytest.approx((0.01 / 2000) ** (1 / 3), rel=1e-12)
+
+
+def test_first_step_is_at_most_a_hundred_times_the_probe_step():
+    # rate -2000: h0 = 0.01 * 500 / 1e6 = 5e-6, h1 = (0.01 / 2e9)^(1/5) = 0.0055 > 100 h0
+    step, points = first_step(-2000.0, [0.0, 1.0])
+    assert step == pytest.approx(5e-4, rel=1e-12) and points[0][0] == pytest.approx(5e-6, rel=1e-12)
+
+
+def test_first_step_and_its_probe_stay_inside_the_interval():
+    # a short interval caps both the probe (h0 = 0.005 > 0.001) and the step
+    step, points = first_step(-2.0, [0.0, 1e-3])
+    assert step == 1e-3 and points[0][0] == pytest.approx(1e-3, rel=1e-12)
+    # a slow start (d1 = 5e-4) asks for h0 = 1e4: probed at the interval's end, not at t = 1e4
+    step, points = first_step(-1e-6, [0.0, 1.0])
+    assert step == 1.0 and points[0][0] == 1.0
+
+
+def test_first_step_when_nothing_moves():
+    # d1 = 0: h0 = 1e-6 and, as f does not change either, h1 = max(1e-6, 1e-3 h0) = 1e-6
+    step, points = first_step(0.0, [0.0, 1.0])
+    assert step == 1e-6 and points[0][0] == pytest.approx(1e-6, rel=1e-12)
+
+
+def test_first_step_of_a_pair_of_states_uses_the_pairs_norm():
+    from diffusers_scorekit.likelihood import _initial_step
+
+    state = (torch.ones(2, dtype=torch.float64), torch.full((1,), 4.0, dtype=torch.float64))
+
+    def dynamics(t, pair):
+        return (-2.0 * pair[0], torch.zeros_like(pair[1]))
+
+    def norm(pair):  # the x part only, as if the second were negligible
+        return pair[0].pow(2).mean().sqrt()
+
+    step = _initial_step(dynamics, state, dynamics(0.0, state), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                         1e-3, 1e-3, norm, 5)
+    assert step == pytest.approx((0.01 / 2000) ** (1 / 5), rel=1e-12)
+
+
+def test_solver_options_and_the_likelihoods_error_norm(monkeypatch):
+    captured = []
+    original = torchdiffeq.odeint
+
+    def capture(func, state, times, **kwargs):
+        captured.append(kwargs["options"])
+        return original(func, state, times, **kwargs)
+
+    monkeypatch.setattr(torchdiffeq, "odeint", capture)
+    log_likelihood(linear_score_function(), x_batch(), generator=torch.Generator().manual_seed(0))
+    [options] = captured
+    assert set(options) == {"step_t", "first_step", "norm"} and 0 < options["first_step"] <= 1
+    error = (torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64),
+             torch.tensor([12.0, -12.0, 0.0], dtype=torch.float64))
+    # max(RMS of x's entries, RMS of delta_log_p / D): sqrt(25 / 6) against sqrt(96) / 2
+    assert options["norm"](error).item() == pytest.approx(96**0.5 / 2, rel=1e-12)
