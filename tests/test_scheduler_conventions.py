@@ -476,3 +476,37 @@ def test_non_finite_errors_say_where():
     where = f"step 1 of 3 (t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
     with pytest.raises(ValueError, match="^" + re.escape(f"model output at {where} contains NaN or Inf.")):
         scheduler.step(torch.full((2, 3), math.inf), scheduler.timesteps[1], x)
+
+
+_SPACED = "scorekit spaces levels uniformly in t, in log-SNR or by Karras' rho (use_karras_sigmas)"
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True in the DDPM-family config is "
+     "not supported: zero terminal SNR puts sigma / a = inf at t = 1, where no SDE can start."),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, f"use_exponential_sigmas=True in the DDPM-family "
+     f"config is not supported: {_SPACED}."),
+    ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, f"use_beta_sigmas=True in the DDPM-family config is not "
+     f"supported: {_SPACED}."),
+    ("DDPMScheduler", {"thresholding": True}, "thresholding=True in the DDPM-family config is not supported: dynamic "
+     "thresholding is not a step of a score SDE sampler; set it to False."),
+    ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type='learned_range' in the DDPM-family config is "
+     "not supported: a model with learned variance outputs twice the sample's channels."),
+    ("DDPMScheduler", {"variance_type": "learned"}, "variance_type='learned' in the DDPM-family config is not "
+     "supported: a model with learned variance outputs twice the sample's channels."),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type='continuous' in the DDPM-family config "
+     "is not supported: only discrete training timesteps translate."),
+    ("EulerDiscreteScheduler", {"sigma_min": 0.1}, "sigma_min=0.1 in the DDPM-family config is not supported: on a VP "
+     "schedule the sigma range is the beta schedule's; leave it None."),
+    ("EulerDiscreteScheduler", {"sigma_max": 10.0}, "sigma_max=10.0 in the DDPM-family config is not supported: on a "
+     "VP schedule the sigma range is the beta schedule's; leave it None."),
+    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True}, "use_flow_sigmas="
+     "True in the DDPM-family config is not supported: flow-matching models are not score models."),
+    ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction' in the "
+     "DDPM-family config is not supported: choose one of ('epsilon', 'score', 'sample', 'v_prediction')."),
+    ("DDIMScheduler", {"timestep_spacing": "karras"}, "timestep_spacing='karras' in the DDPM-family config is not "
+     "supported: choose linspace, leading or trailing."),
+])
+def test_untranslatable_fields_say_why(name, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        ProbabilityFlowODEScheduler.from_config(getattr(diffusers, name)(**kwargs).config)
