@@ -44,34 +44,30 @@ print-torch:
 
 
 # Mutation testing of the core modules, one module (or part of one) at a time against its own test files, so that
-# a stopped run keeps what it finished; about two hours from nothing on 2 cores (TESTING.md has the times per
-# entry), so not in CI. Each entry is
-# mutant-name-pattern=test files (mutmut skips decorated methods and properties: inpainting's replacement step is
-# in _sample). Settings in pyproject.toml [tool.mutmut]; the last run's findings in TESTING.md.
+# a stopped run keeps what it finished; not in CI (TESTING.md has the time per entry and the last run's findings).
+# Each entry is patterns=test files: comma-separated mutant-name patterns (fnmatch; `x[!_]*` is every method of a
+# module's classes) and the test files their mutants run. mutmut skips decorated methods and properties
+# (inpainting's replacement step is in _sample). Settings in pyproject.toml [tool.mutmut].
+SK := diffusers_scorekit
+SCHEDULER_TESTS := test_schedulers.py,test_exact_gaps.py,test_scheduler_conventions.py,test_scheduler_config.py
 MUTATION_SCOPES ?= \
-	'diffusers_scorekit.sde.*=test_sde.py,test_exact_gaps.py,test_losses.py' \
-	'diffusers_scorekit.parametrization.*=test_sde.py,test_exact_gaps.py,test_schedulers.py' \
-	'diffusers_scorekit.pipelines.score_sde.*_model_output*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
-	'diffusers_scorekit.pipelines.score_sde.*_add_classifier_gradient*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
-	'diffusers_scorekit.pipelines.score_sde.*Pipeline?_sample*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
-	'diffusers_scorekit.metrics.x_gaussian_statistics*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x__psd_square_root*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x_frechet_distance*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x_kth_neighbour_radius*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x__ball_membership*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x_precision_recall*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.metrics.x_knn_coverage*=test_metrics.py,test_exact_gaps.py' \
-	'diffusers_scorekit.losses.*=test_losses.py,test_exact_gaps.py,test_losses_exact.py' \
-	'diffusers_scorekit.schedulers.sde_updates.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
-	'diffusers_scorekit.schedulers.linear_combination.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
-	'diffusers_scorekit.schedulers.scheduling_*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
-	'diffusers_scorekit.likelihood.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py' \
-	'diffusers_scorekit.training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
-	'diffusers_scorekit.training.step.x_prepare_training*=test_exact_gaps.py,test_training.py'
+	'$(SK).sde.*=test_sde.py,test_exact_gaps.py,test_losses.py' \
+	'$(SK).parametrization.*=test_sde.py,test_exact_gaps.py,test_schedulers.py' \
+	'$(SK).pipelines.score_sde.*_model_output*,$(SK).pipelines.score_sde.*_add_classifier_gradient*,$(SK).pipelines.score_sde.*Pipeline?_sample*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
+	'$(SK).metrics.x_gaussian_statistics*,$(SK).metrics.x__psd_square_root*,$(SK).metrics.x_frechet_distance*,$(SK).metrics.x_kth_neighbour_radius*,$(SK).metrics.x__ball_membership*,$(SK).metrics.x_precision_recall*,$(SK).metrics.x_knn_coverage*=test_metrics.py,test_exact_gaps.py' \
+	'$(SK).losses.*=test_losses.py,test_exact_gaps.py,test_losses_exact.py' \
+	'$(SK).schedulers.sde_updates.*,$(SK).schedulers.linear_combination.*=$(SCHEDULER_TESTS)' \
+	'$(SK).schedulers.scheduling_utils.x_validate_config*,$(SK).schedulers.scheduling_utils.x__check_types*,$(SK).schedulers.scheduling_utils.x__is_*=test_scheduler_config.py' \
+	'$(SK).schedulers.scheduling_utils.x__source_class*,$(SK).schedulers.scheduling_utils.x__translate*,$(SK).schedulers.scheduling_utils.x_translate_config*,$(SK).schedulers.scheduling_utils.x__diffusers_init_keys*=test_scheduler_conventions.py,test_schedulers.py' \
+	'$(SK).schedulers.scheduling_utils.x[!_]*,$(SK).schedulers.scheduling_utils.x_level_times*,$(SK).schedulers.scheduling_[!u]*=$(SCHEDULER_TESTS)' \
+	'$(SK).likelihood.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py' \
+	'$(SK).training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
+	'$(SK).training.step.x_prepare_training*,$(SK).training.step.x_train_step*=test_exact_gaps.py,test_training_checkpoints.py'
 
 mutation: $(VENV)/.installed
-	for entry in $(MUTATION_SCOPES); do \
-		MUTATION_TEST_FILES="$${entry#*=}" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 "$${entry%%=*}" || exit 1; \
+	set -f; for entry in $(MUTATION_SCOPES); do \
+		patterns=$$(echo "$${entry%%=*}" | tr , ' '); \
+		MUTATION_TEST_FILES="$${entry#*=}" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $$patterns || exit 1; \
 	done
 	$(PY) tools/mutation_report.py $(VENV)/bin/mutmut
 

@@ -1,3 +1,4 @@
+import gc
 import os
 
 import torch
@@ -17,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     deselected = [item for item in items if item.path.name not in keep]
     items[:] = [item for item in items if item.path.name in keep]
     config.hook.pytest_deselected(items=deselected)
+
+
+def pytest_unconfigure(config):
+    """Under ``make mutation``, mutmut's fork server runs one collection and then forks a child per mutant. Freezing
+    the objects alive at that point (torch, diffusers, the test modules) keeps each child's garbage collections from
+    walking, and so copying, the parent's whole heap: about 1.2 s less per mutant here."""
+    if os.environ.get("MUTATION_TEST_FILES"):
+        gc.freeze()

@@ -61,7 +61,7 @@ class AnnealedLangevinScheduler(ScoreSchedulerMixin):
 
     def _level_times(self, num_levels: int) -> np.ndarray:
         # the geometric ladder from sigma_max to exactly sigma_min, whatever sampling_eps would say
-        return np.linspace(1.0, 0.0, num_levels) if num_levels > 1 else np.array([1.0])
+        return np.linspace(1.0, 0.0, num_levels)
 
     def _make_stages(self, num_levels: int) -> List[Stage]:
         stages = []

@@ -99,10 +99,12 @@ def prepare_training(args, accelerator, model, sde) -> TrainingState:
         accelerator.register_for_checkpointing(ema)
     forward = torch.compile(model) if args.torch_compile else model
     score_fn = ScoreFunction(forward, sde, args.prediction_type, args.timestep_type, args.num_train_timesteps)
+    # pragma: no mutate start (a log line)
     logger.info("speed on %s: channels_last %s, TF32 %s, %s%s, torch.compile %s, %s", accelerator.device,
                 *("on" if getattr(args, name) else "off" for name in ("channels_last", "allow_tf32")), optimizer_name,
                 " and foreach EMA" if ema is not None and args.fused_optimizer else "",
                 "on" if args.torch_compile else "off", f"{accelerator.mixed_precision} mixed precision")
+    # pragma: no mutate end
     return TrainingState(model, unwrapped, optimizer, lr_scheduler, ema, score_fn)
 
 
