@@ -1,10 +1,12 @@
 """Every rule of a scheduler config, at its boundary: the last value allowed passes, the first value past it
 raises the exact message (field, value, what is allowed). ``validate_config`` checks only the fields a config
-has, so each rule is tried on a config holding that field alone (plus what the rule compares it with)."""
+has, so each rule is tried on a config holding that field alone (plus what the rule compares it with). Then how
+a partial or foreign config translates, and the grids a config describes, against their closed forms."""
 
 import math
 import re
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -13,12 +15,17 @@ from diffusers_scorekit.schedulers import (
     AnnealedLangevinScheduler,
     PredictorCorrectorScheduler,
     ProbabilityFlowODEScheduler,
+    VEEulerMaruyamaScheduler,
+    VPEulerMaruyamaScheduler,
 )
 from diffusers_scorekit.schedulers.scheduling_utils import (
     BETA_SCHEDULES,
     TIME_SPACINGS,
+    level_times,
+    translate_config,
     validate_config,
 )
+from diffusers_scorekit.sde import VESDE, VPSDE
 
 ALL_SDES = ("ve", "vp", "subvp")
 
@@ -180,3 +187,155 @@ def test_annealed_langevin_has_no_sde_type_and_runs_ve():
     assert "sde_type" not in scheduler.config and scheduler.sde_type == "ve"
     # the discrete VP schedule allows t = 0 exactly: its sigma(0) is that of beta_1
     ProbabilityFlowODEScheduler(sampling_eps=0.0, beta_schedule="linear").set_timesteps(3)
+
+
+# --- translation of partial and foreign configs ----------------------------------------------------------------
+
+DDPM_DEFAULTS = {k: diffusers.DDPMScheduler().config[k]
+                 for k in ("beta_start", "beta_end", "num_train_timesteps", "prediction_type", "trained_betas")}
+
+
+@pytest.mark.parametrize(
+    "partial, expected",
+    [
+        # a field only DDPM-family configs have makes a partial dict one: diffusers' DDPM defaults fill the rest
+        ({"beta_schedule": "scaled_linear"}, {**DDPM_DEFAULTS, "beta_schedule": "scaled_linear"}),
+        ({"trained_betas": [0.1, 0.2]}, {**DDPM_DEFAULTS, "beta_schedule": "linear", "trained_betas": [0.1, 0.2]}),
+        # a saved config naming its class gets that class's defaults
+        ({"_class_name": "DDPMScheduler"}, {**DDPM_DEFAULTS, "beta_schedule": "linear"}),
+    ],
+)
+def test_a_partial_ddpm_config_gets_diffusers_defaults(partial, expected):
+    translated = translate_config(partial, PredictorCorrectorScheduler)
+    assert {k: translated[k] for k in expected} == expected
+    assert (translated["sde_type"], translated["timestep_type"], translated["time_spacing"]) == ("vp", "discrete", "uniform")
+    assert translated["_class_name"] == "PredictorCorrectorScheduler"
+
+
+def test_a_partial_scorekit_config_stays_a_scorekit_one():
+    assert translate_config({"sigma_max": 10.0}, PredictorCorrectorScheduler) == {
+        "sigma_max": 10.0, "sde_type": "ve", "_class_name": "PredictorCorrectorScheduler"}
+    # an in-memory scorekit config names no class but has beta fields: it is still scorekit's, sigma range and all
+    source = ProbabilityFlowODEScheduler(sde_type="subvp", beta_schedule="linear", sigma_min=0.5, sigma_max=2.0)
+    assert "_class_name" not in source.config
+    translated = translate_config(source.config, PredictorCorrectorScheduler)
+    assert {k: translated[k] for k in ("sde_type", "sigma_min", "sigma_max", "beta_schedule")} == {
+        "sde_type": "subvp", "sigma_min": 0.5, "sigma_max": 2.0, "beta_schedule": "linear"}
+
+
+def test_fields_left_from_a_round_trip_come_back_unless_the_diffusers_class_owns_them(tmp_path):
+    source = PredictorCorrectorScheduler(sde_type="subvp", beta_schedule="linear", timestep_type="continuous")
+    # a saved DDPMScheduler config: DDPMScheduler has no timestep_type, so scorekit's comes back
+    diffusers.DDPMScheduler.from_config(source.config).save_config(tmp_path / "ddpm")
+    through_ddpm = PredictorCorrectorScheduler.from_pretrained(tmp_path / "ddpm")
+    assert (through_ddpm.config.sde_type, through_ddpm.config.timestep_type) == ("subvp", "continuous")
+    # EulerDiscreteScheduler has a timestep_type of its own: there the field is Euler's, which must be discrete
+    diffusers.EulerDiscreteScheduler.from_config(source.config).save_config(tmp_path / "euler")
+    with pytest.raises(ValueError, match=r"^timestep_type='continuous' in the EulerDiscreteScheduler config is not"):
+        PredictorCorrectorScheduler.from_pretrained(tmp_path / "euler")
+    # in memory no class is named: any field a DDPM-family class owns is that class's
+    with pytest.raises(ValueError, match=r"^timestep_type='continuous' in the DDPM-family config is not supported"):
+        PredictorCorrectorScheduler.from_config(diffusers.DDPMScheduler.from_config(source.config).config)
+    # a VE sde_type left in a DDPM-family config cannot make its VP schedule VE
+    ve_left = {**diffusers.DDPMScheduler().config, "sde_type": "ve"}
+    assert translate_config(ve_left, PredictorCorrectorScheduler)["sde_type"] == "vp"
+    # Karras sigmas are rho 7, whatever edm_rho a round trip left
+    karras = {**diffusers.EulerDiscreteScheduler(use_karras_sigmas=True).config, "edm_rho": 3.0}
+    translated = translate_config(karras, ProbabilityFlowODEScheduler)
+    assert (translated["time_spacing"], translated["edm_rho"]) == ("edm", 7.0)
+
+
+def test_dynamic_shifting_alone_is_refused():
+    config = {**diffusers.DDPMScheduler().config, "use_dynamic_shifting": True}
+    with pytest.raises(ValueError, match=r"^use_dynamic_shifting=True in the DDPM-family config is not supported: "
+                                         r"flow-matching models are not score models\.$"):
+        translate_config(config, PredictorCorrectorScheduler)
+
+
+@pytest.mark.parametrize(
+    "target, config, message",
+    [
+        (VEEulerMaruyamaScheduler, diffusers.DDPMScheduler().config,
+         "VEEulerMaruyamaScheduler runs sde_type in ('ve',), but the config (from an in-memory config) describes "
+         "sde_type='vp'; use one of PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, "
+         "VPEulerMaruyamaScheduler, which run it."),
+        (VPEulerMaruyamaScheduler, {"_class_name": "ScoreSdeVeScheduler"},
+         "VPEulerMaruyamaScheduler runs sde_type in ('vp', 'subvp'), but the config (from ScoreSdeVeScheduler) "
+         "describes sde_type='ve'; use one of PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, "
+         "VEEulerMaruyamaScheduler, AnnealedLangevinScheduler, which run it."),
+    ],
+)
+def test_a_config_of_the_other_sde_names_the_classes_that_run_it(target, config, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        target.from_config(config)
+
+
+def test_from_config_returns_the_unused_keyword_arguments():
+    scheduler, unused = ProbabilityFlowODEScheduler.from_config(
+        diffusers.DDPMScheduler().config, return_unused_kwargs=True, not_a_field=3)
+    # as diffusers' own from_config does, the unused keys include the class name
+    assert isinstance(scheduler, ProbabilityFlowODEScheduler)
+    assert unused == {"not_a_field": 3, "_class_name": "ProbabilityFlowODEScheduler"}
+
+
+# --- grids: each spacing against its closed form ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sde", [VESDE(0.01, 50.0), VPSDE(0.1, 20.0)], ids=["ve", "vp"])
+def test_level_times_are_uniform_in_t_in_log_snr_or_in_sigma_to_the_one_over_rho(sde):
+    t_start, t_end, n = 1.0, 1e-3, 6
+    uniform = level_times(sde, n, t_start, t_end, "uniform", 7.0)
+    np.testing.assert_array_equal(uniform, np.linspace(t_start, t_end, n))
+    log_snr = sde.log_snr(torch.as_tensor(level_times(sde, n, t_start, t_end, "log_snr", 7.0))).double().numpy()
+    ends = sde.log_snr(torch.tensor([t_start, t_end], dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(log_snr, np.linspace(ends[0], ends[1], n), rtol=0, atol=1e-6)
+    rho = 3.0
+    edm = level_times(sde, n, t_start, t_end, "edm", rho)
+    noise_ratio = np.exp(-sde.log_snr(torch.as_tensor(edm)).double().numpy())  # sigma / a
+    high, low = np.exp(-ends)
+    karras = (high ** (1 / rho) + np.linspace(0, 1, n) * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+    np.testing.assert_allclose(noise_ratio, karras, rtol=1e-5)
+    assert (edm[0], edm[-1], log_snr.size) == (t_start, t_end, n)
+
+
+@pytest.mark.parametrize("spacing", TIME_SPACINGS)
+def test_a_one_level_grid_is_its_start(spacing):
+    np.testing.assert_array_equal(level_times(VPSDE(0.1, 20.0), 1, 1.0, 1e-3, spacing, 7.0), [1.0])
+    scheduler = ProbabilityFlowODEScheduler(time_spacing=spacing)
+    scheduler.set_timesteps(1)
+    assert scheduler.level_of(0).t == 1.0
+
+
+# --- custom grids -----------------------------------------------------------------------------------------------
+
+
+def test_custom_grids_from_arrays_and_tensors_are_the_list_grid():
+    scheduler = ProbabilityFlowODEScheduler.from_config(diffusers.DDPMScheduler(num_train_timesteps=500).config)
+    scheduler.set_timesteps(timesteps=[400, 200, 5])
+    expected = [scheduler.level_of(i).t for i in range(3)]
+    for values in (np.array([400, 200, 5]), torch.tensor([400.0, 200.0, 5.0])):
+        scheduler.set_timesteps(timesteps=values)
+        assert [scheduler.level_of(i).t for i in range(3)] == expected
+
+
+def test_custom_grid_range_is_checked_at_both_ends_within_a_relative_tolerance():
+    scheduler = VEEulerMaruyamaScheduler(sigma_min=0.01, sigma_max=50.0, timestep_type="sigma")
+    scheduler.set_timesteps(timesteps=[50.0 * (1 + 5e-7), 1.0, 0.01 - 2e-5])  # within 1e-6 of the range's size
+    message = "timesteps=[{}, 1.0, {}] is invalid: its values must lie in [0.01, 50] (t from 0 to 1)."
+    for high, low in ((50.0 * (1 + 2e-6), 0.01), (50.0, 0.01 - 1e-4)):
+        with pytest.raises(ValueError, match=f"^{re.escape(message.format(high, low))}$"):
+            scheduler.set_timesteps(timesteps=[high, 1.0, low])
+    # only the last entry is below the range
+    with pytest.raises(ValueError, match="^" + re.escape("timesteps=[50.0, 20.0, 1.0, 0.001] is invalid")):
+        scheduler.set_timesteps(timesteps=[50.0, 20.0, 1.0, 0.001])
+
+
+def test_custom_sigmas_must_end_above_zero_where_sigma_can_be_zero():
+    scheduler = ProbabilityFlowODEScheduler()  # continuous VP: sigma / a runs down to 0 at t = 0
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "sigmas=[1.0, 0.0] is invalid: its values must lie in [0, 152.167] (t from 0 to 1) and be positive: "
+            "the final step to sigma = 0 is denoise_final's.") + "$"):
+        scheduler.set_timesteps(sigmas=[1.0, 0.0])
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "timesteps=[999.0, 0.0] is invalid: its last level has sigma = 0, where the score is undefined.") + "$"):
+        scheduler.set_timesteps(timesteps=[999.0, 0.0])

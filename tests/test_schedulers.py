@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from diffusers import DDPMScheduler, ScoreSdeVeScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, ScoreSdeVeScheduler
 
 from diffusers_scorekit import (
     AnnealedLangevinScheduler,
@@ -451,3 +451,25 @@ def test_update_rules_with_hand_computed_numbers():
     corrected = sde_updates.probability_flow_heun_correction(torch.tensor([1.0]), torch.tensor([1.0]),
                                                              torch.tensor([0.25]), 0.8, 0.5, 2.0)
     assert corrected.item() == pytest.approx(1 + 0.8 * (0.5 - 2.0) / 1.0 * (0.25 - 1.0), rel=1e-6)
+
+
+def test_dpm_solver_2m_is_diffusers_dpm_solver_plus_plus_2m_on_the_same_grid():
+    """DPM-Solver++ 2M (data prediction, first order at the first step, the last step to sigma = 0 being the
+    denoising one) against diffusers' own, model call for model call, on one custom grid of a DDPM schedule."""
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    ours = ProbabilityFlowODEScheduler.from_config(ddpm.config)
+    theirs = DPMSolverMultistepScheduler.from_config(
+        ddpm.config, solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True)
+    grid = [999, 700, 400, 200, 90, 30]
+    ours.set_timesteps(timesteps=grid)
+    theirs.set_timesteps(timesteps=grid)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() == grid
+
+    def model(x, timestep):  # any smooth epsilon model: both schedulers call it at the same points
+        return torch.tanh(x) * 0.7 + 0.2 * x + float(timestep) / 2000
+
+    x_ours = x_theirs = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 80.0
+    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+        x_ours = ours.step(model(x_ours, t_ours), t_ours, x_ours).prev_sample
+        x_theirs = theirs.step(model(x_theirs, t_theirs), t_theirs, x_theirs).prev_sample
+        torch.testing.assert_close(x_ours, x_theirs, rtol=2e-5, atol=2e-5)

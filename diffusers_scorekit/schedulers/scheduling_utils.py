@@ -362,7 +362,7 @@ def translate_config(config: dict, target_cls) -> dict:
         config = {**_IMPLIED[family], **carried, **owned, **{k: v for k, v in config.items() if k.startswith("_")}}
     else:  # a scorekit config: only the VE-only classes have no sde_type
         config.setdefault("sde_type", "ve")
-    sde_type = config.get("sde_type", "ve")
+    sde_type = config["sde_type"]
     if sde_type not in target_cls._supported_sde_types:
         runs = "PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, " + (
             "VEEulerMaruyamaScheduler, AnnealedLangevinScheduler" if sde_type == "ve" else "VPEulerMaruyamaScheduler"
@@ -373,7 +373,7 @@ def translate_config(config: dict, target_cls) -> dict:
             f"describes sde_type={sde_type!r}; use one of {runs}, which run it."
         )
     accepted = set(inspect.signature(target_cls.__init__).parameters) - {"self"}
-    translated = {k: v for k, v in config.items() if k in accepted or (k.startswith("_") and k != "_class_name")}
+    translated = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     translated["_class_name"] = target_cls.__name__
     return translated
 
@@ -459,7 +459,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Like diffusers' ``from_config``, and also from a DDPM-family or ``ScoreSdeVeScheduler`` config
         (see ``translate_config``)."""
-        if isinstance(config, (dict,)) or hasattr(config, "items"):
+        if isinstance(config, Mapping):
             config = translate_config(config, cls)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -491,8 +491,8 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             num_levels,
             1.0,
             self.sampling_eps,
-            self.config.get("time_spacing", "uniform"),
-            self.config.get("edm_rho", 7.0),
+            self.config.time_spacing,
+            self.config.edm_rho,
         )
 
     def _make_stages(self, num_levels: int) -> List[Stage]:
@@ -538,7 +538,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         num_levels = len(times)
         a, sigma = self.sde.marginal(times)
         timestep_values = timestep_from_t(
-            times, self.sde, self.config.timestep_type, self.config.get("num_train_timesteps", 1000)
+            times, self.sde, self.config.timestep_type, self.config.num_train_timesteps
         )
         columns = zip(
             times.tolist(),
@@ -593,9 +593,9 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             convert = lambda v: self.sde.t_from_log_snr(-np.log(v))  # noqa: E731
         else:
             low, high = timestep_from_t(as_time([0.0, 1.0]), self.sde, config.timestep_type,
-                                        config.get("num_train_timesteps", 1000)).tolist()
+                                        config.num_train_timesteps).tolist()
             convert = lambda v: t_from_timestep(v, self.sde, config.timestep_type,  # noqa: E731
-                                                config.get("num_train_timesteps", 1000))
+                                                config.num_train_timesteps)
         tolerance = 1e-6 * max(abs(low), abs(high))
         in_range = values[0] <= high + tolerance and values[-1] >= low - tolerance
         if not in_range or (field == "sigmas" and values[-1] <= 0):
@@ -912,7 +912,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             timesteps.to(original_samples.device),
             self.sde,
             self.config.timestep_type,
-            self.config.get("num_train_timesteps", 1000),
+            self.config.num_train_timesteps,
         )
         a, sigma = self.sde.marginal(t)
         return broadcast_like(a, original_samples) * original_samples + broadcast_like(sigma, noise) * noise
