@@ -339,3 +339,13 @@ def test_custom_sigmas_must_end_above_zero_where_sigma_can_be_zero():
     with pytest.raises(ValueError, match="^" + re.escape(
             "timesteps=[999.0, 0.0] is invalid: its last level has sigma = 0, where the score is undefined.") + "$"):
         scheduler.set_timesteps(timesteps=[999.0, 0.0])
+
+
+def test_a_score_sde_ve_config_translates_field_by_field():
+    source = diffusers.ScoreSdeVeScheduler(num_train_timesteps=500, snr=0.2, sigma_min=0.02, sigma_max=80.0,
+                                           sampling_eps=1e-4, correct_steps=3)
+    translated = translate_config(source.config, PredictorCorrectorScheduler)
+    assert {k: v for k, v in translated.items() if not k.startswith("_")} == {
+        "sde_type": "ve", "prediction_type": "score", "timestep_type": "sigma", "predictor": "reverse_diffusion",
+        "corrector": "langevin", "sigma_min": 0.02, "sigma_max": 80.0, "sampling_eps": 1e-4, "snr": 0.2,
+        "num_corrector_steps": 3, "num_train_timesteps": 500}

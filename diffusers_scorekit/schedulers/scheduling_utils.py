@@ -200,9 +200,8 @@ def validate_config(config: dict, supported_sde_types: Tuple[str, ...]) -> None:
     beta_schedule = config.get("beta_schedule")
     if beta_schedule is not None and beta_schedule not in BETA_SCHEDULES:
         _fail("beta_schedule", beta_schedule, f"choose None (continuous linear beta) or one of {BETA_SCHEDULES}")
-    num_train_timesteps = config.get("num_train_timesteps", 2)
-    if not num_train_timesteps >= 2:
-        _fail("num_train_timesteps", num_train_timesteps, "it must be an integer >= 2")
+    if "num_train_timesteps" in config and not config["num_train_timesteps"] >= 2:
+        _fail("num_train_timesteps", config["num_train_timesteps"], "it must be an integer >= 2")
     if config.get("prediction_type", "score") not in PREDICTION_TYPES:
         _fail("prediction_type", config["prediction_type"], f"choose one of {PREDICTION_TYPES}")
     if config.get("timestep_type", "sigma") not in TIMESTEP_TYPES:
@@ -218,7 +217,7 @@ def validate_config(config: dict, supported_sde_types: Tuple[str, ...]) -> None:
     for field in ("snr", "step_lr", "edm_rho"):
         if field in config and not config[field] > 0:
             _fail(field, config[field], "it must be positive")
-    if config.get("noise_scale", 0) < 0:
+    if "noise_scale" in config and config["noise_scale"] < 0:
         _fail("noise_scale", config["noise_scale"], "it must be >= 0")
     for field in ("num_corrector_steps", "num_annealed_steps"):
         if field in config and not config[field] >= 1:
@@ -355,11 +354,12 @@ def translate_config(config: dict, target_cls) -> dict:
             owned = _translate_score_sde_ve(full)
         else:
             owned = _translate_ddpm_family(full, named or "DDPM-family", owned_keys)
-        # scorekit fields a round trip left in the config (diffusers keeps them for compatible classes)
-        carried = {k: v for k, v in config.items() if not k.startswith("_") and k not in owned_keys}
+        # scorekit fields a round trip left in the config (diffusers keeps them for compatible classes), and the
+        # private keys (``_diffusers_version``, ...)
+        carried = {k: v for k, v in config.items() if k not in owned_keys}
         if carried.get("sde_type", _IMPLIED[family]["sde_type"]) not in _FAMILY_SDE_TYPES[family]:
             del carried["sde_type"]  # a field left over cannot change what the diffusers schedule describes
-        config = {**_IMPLIED[family], **carried, **owned, **{k: v for k, v in config.items() if k.startswith("_")}}
+        config = {**_IMPLIED[family], **carried, **owned}
     else:  # a scorekit config: only the VE-only classes have no sde_type
         config.setdefault("sde_type", "ve")
     sde_type = config["sde_type"]
@@ -372,7 +372,7 @@ def translate_config(config: dict, target_cls) -> dict:
             f"(from {config.get('_class_name') or 'an in-memory config'}) "
             f"describes sde_type={sde_type!r}; use one of {runs}, which run it."
         )
-    accepted = set(inspect.signature(target_cls.__init__).parameters) - {"self"}
+    accepted = set(list(inspect.signature(target_cls.__init__).parameters)[1:])  # after self
     translated = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     translated["_class_name"] = target_cls.__name__
     return translated
