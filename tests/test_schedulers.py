@@ -473,3 +473,110 @@ def test_dpm_solver_2m_is_diffusers_dpm_solver_plus_plus_2m_on_the_same_grid():
         x_ours = ours.step(model(x_ours, t_ours), t_ours, x_ours).prev_sample
         x_theirs = theirs.step(model(x_theirs, t_theirs), t_theirs, x_theirs).prev_sample
         torch.testing.assert_close(x_ours, x_theirs, rtol=2e-5, atol=2e-5)
+
+
+def test_heun_is_karras_heun_in_scaled_coordinates():
+    """Heun's method in x_0 form against Karras et al.'s Algorithm 1 written out here: in ``y = x / a`` and
+    ``s = sigma / a`` the flow is ``dy/ds = (y - x_0) / s``; an Euler step, then the average of both slopes; the
+    last call denoises (``x_0``)."""
+    ours = ProbabilityFlowODEScheduler.from_config(DDPMScheduler(num_train_timesteps=1000).config, solver="heun")
+    grid = [999, 600, 300, 120, 40]
+    ours.set_timesteps(timesteps=grid)
+    assert ours.timesteps.tolist() == [999, 600, 600, 300, 300, 120, 120, 40, 40]
+    levels = [ours.level_of(i) for i in (0, 2, 4, 6, 8)]  # the entries where each level's Heun step begins
+
+    def x_0(x, level):  # the epsilon model's x_0, in x
+        return (x - level.sigma * (torch.tanh(x) * 0.7 + 0.2 * x)) / level.a
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = x
+    for t in ours.timesteps:
+        out = ours.step(torch.tanh(out) * 0.7 + 0.2 * out, t, out).prev_sample
+    y = x / levels[0].a
+    for hi, lo in zip(levels, levels[1:]):
+        slope = (y - x_0(y * hi.a, hi)) / hi.noise_ratio
+        y_euler = y + (lo.noise_ratio - hi.noise_ratio) * slope
+        slope_end = (y_euler - x_0(y_euler * lo.a, lo)) / lo.noise_ratio
+        y = y + (lo.noise_ratio - hi.noise_ratio) * (slope + slope_end) / 2
+    torch.testing.assert_close(out, x_0(y * levels[-1].a, levels[-1]), rtol=1e-10, atol=1e-10)
+
+
+def _vp_corrector_only(corrector):
+    return PredictorCorrectorScheduler(sde_type="vp", predictor="none", corrector=corrector, snr=0.16,
+                                       num_corrector_steps=1, denoise_final=False, prediction_type="epsilon",
+                                       timestep_type="continuous", num_train_timesteps=100)
+
+
+@pytest.mark.parametrize("corrector", ["langevin", "annealed_langevin"])
+def test_vp_corrector_steps_are_score_sdes_with_alpha_of_one_training_step(corrector):
+    """alpha = exp(2 f(t) / N) (score_sde's 1 - beta_i for VP); step 2 alpha (snr sigma)^2 (annealed) or
+    2 alpha (snr |z| / |score|)^2 (batch means of the norms), then x + step score + sqrt(2 step) z."""
+    scheduler = _vp_corrector_only(corrector)
+    scheduler.set_timesteps(3)
+    level = scheduler.level_of(0)
+    x, epsilon = torch.randn(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64).unbind(0)[:2]
+    x, epsilon = x.reshape(2, 2), epsilon.reshape(2, 2)
+    out = scheduler.step(epsilon, scheduler.timesteps[0], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    score = -epsilon / level.sigma
+    alpha = math.exp(2 * level.drift_coefficient / 100)
+    assert alpha < 0.9  # far from 1: a wrong alpha shows
+    if corrector == "annealed_langevin":
+        step = 2 * alpha * (0.16 * level.sigma) ** 2
+    else:
+        step = 2 * alpha * (0.16 * z.norm(dim=1).mean() / score.norm(dim=1).mean()) ** 2
+    torch.testing.assert_close(out, x + step * score + (2 * step) ** 0.5 * z, rtol=1e-12, atol=1e-12)
+
+
+def test_vp_euler_maruyama_step_is_the_reverse_sde_step():
+    scheduler = VPEulerMaruyamaScheduler(prediction_type="epsilon", timestep_type="continuous")
+    scheduler.set_timesteps(4)
+    hi, lo = scheduler.level_of(0), scheduler.level_of(1)
+    x = torch.linspace(-2, 2, 6, dtype=torch.float64).reshape(2, 3)
+    epsilon = torch.cos(x)
+    out = scheduler.step(epsilon, scheduler.timesteps[0], x, generator=torch.Generator().manual_seed(4)).prev_sample
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    dt = lo.t - hi.t
+    drift = hi.drift_coefficient * x - hi.diffusion_squared * (-epsilon / hi.sigma)
+    torch.testing.assert_close(out, x + drift * dt + (hi.diffusion_squared * -dt) ** 0.5 * z, rtol=1e-12, atol=1e-12)
+
+
+def test_noise_is_drawn_in_the_samples_dtype():
+    for dtype in (torch.float32, torch.float64):
+        scheduler = VEEulerMaruyamaScheduler()
+        scheduler.set_timesteps(3)
+        x = torch.zeros(2, 3, dtype=dtype)
+        out = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x, generator=torch.Generator().manual_seed(5))
+        hi, lo = scheduler.level_of(0), scheduler.level_of(1)
+        z = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        torch.testing.assert_close(out.prev_sample, (hi.diffusion_squared * (hi.t - lo.t)) ** 0.5 * z)
+
+
+def test_set_begin_index_defaults_to_the_first_entry_and_takes_zero():
+    scheduler = ProbabilityFlowODEScheduler()
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(3)
+    assert (scheduler.begin_index, scheduler.step_index) == (3, 3)
+    scheduler.set_begin_index()
+    assert (scheduler.begin_index, scheduler.step_index) == (0, 0)
+    scheduler.set_begin_index(0)
+    assert scheduler.begin_index == 0
+
+
+def test_copied_timesteps_are_read_by_value_and_checked():
+    scheduler = ProbabilityFlowODEScheduler(solver="heun")
+    scheduler.set_timesteps(3)
+    views, copies = ProbabilityFlowODEScheduler(solver="heun"), [t.clone() for t in scheduler.timesteps]
+    views.set_timesteps(3)
+    x = y = torch.ones(2, 2)
+    for copy, view in zip(copies[2:], views.timesteps[2:]):  # a copy of entry 2 begins at entry 2, as a view does
+        x = scheduler.step(torch.sin(x), copy, x).prev_sample
+        y = views.step(torch.sin(y), view, y).prev_sample
+    assert torch.equal(x, y) and scheduler.step_index == views.step_index == len(copies)
+    scheduler.set_timesteps(3)
+    scheduler.step(x, copies[0], x)
+    near = copies[1] * (1 + 5e-5)  # within float32 rounding of a timestep, relatively
+    scheduler.step(x, near, x)
+    far = copies[2] * (1 + 5e-4)
+    with pytest.raises(ValueError, match=f"^step was called with timestep={far.item()} but the next entry is 2 "):
+        scheduler.step(x, far, x)

@@ -646,7 +646,6 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             _fail("begin_index", begin_index, f"it must be an integer in [0, {len(self._stages)}]")
         self._begin_index = int(begin_index)
         self._step_index = None
-        self._kept = {}
 
     def level_of(self, step_index: int) -> Level:
         """The noise level of entry ``step_index`` of ``timesteps`` (for reports and guidance)."""
