@@ -295,3 +295,14 @@ def test_score_rejects_images_out_of_range():
         fashion_mnist_features(images_in_0_255)
     with pytest.raises(ValueError, match="reference must be one of \\('train', 'test'\\) or images, got 'val'"):
         fashion_mnist_score(images * 2 - 1, reference="val")
+
+
+def test_frechet_distance_of_float32_statistics_is_computed_in_float64():
+    """float32 inputs, an answer that float32 arithmetic cannot reach: equal diagonal covariances, so the trace
+    terms cancel exactly in float64 (to ~1e-4 in float32 at this scale) and the distance is the mean term."""
+    variances = torch.linspace(1e3, 4e3, 16, dtype=torch.float32)
+    mean_a = torch.zeros(16, dtype=torch.float32)
+    mean_b = torch.full((16,), 1e-3, dtype=torch.float32)
+    expected = float((mean_b.double() - mean_a.double()).square().sum())
+    distance = frechet_distance_from_statistics(mean_a, torch.diag(variances), mean_b, torch.diag(variances))
+    assert distance == pytest.approx(expected, rel=1e-6)
