@@ -271,3 +271,16 @@ def test_sliced_score_matching_keeps_the_data_dtype():
     loss = sliced_score_matching_loss(score_fn(sde, linear_score, "score"), x0, generator=generator(14))
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected_sliced(sde, x0, 1e-3, 14, 1, True).item(), rel=1e-5)
+
+
+def test_dsm_importance_weight_on_a_ddpm_schedule_defaults_to_eps_zero():
+    """A DDPM schedule made continuous starts at its first training step (``sigma(0) > 0``): without
+    ``sampling_eps`` the importance weight integrates from t = 0, as ``default_sampling_eps`` says."""
+    sde, x0 = VPSDE.from_ddpm_schedule(num_train_timesteps=50), data()
+    t = torch.linspace(0.3, 0.9, N, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=generator(16), dtype=x0.dtype)
+    loss = denoising_score_matching_loss(score_fn(sde), x0, weighting="likelihood", importance_sampling=True,
+                                         t=t, noise=noise)
+    weight = (log_snr(sde, 0.0) - log_snr(sde, 1.0)).item()
+    expected = weight * (0.5 * perturb(sde, x0, t, noise) - noise).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
