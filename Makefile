@@ -66,8 +66,9 @@ MUTATION_SCOPES ?= \
 
 mutation: $(VENV)/.installed
 	set -f; for entry in $(MUTATION_SCOPES); do \
-		patterns=$$(echo "$${entry%%=*}" | tr , ' '); \
+		patterns=$$(echo "$${entry%%=*}" | tr , ' '); start=$$(date +%s); \
 		MUTATION_TEST_FILES="$${entry#*=}" OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $$patterns || exit 1; \
+		echo "mutation scope took $$(( $$(date +%s) - start )) s: $$patterns" >> mutants/scope_times.txt; \
 	done
 	$(PY) tools/mutation_report.py $(VENV)/bin/mutmut
 
