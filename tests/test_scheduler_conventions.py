@@ -399,6 +399,37 @@ def test_bad_step_inputs():
         scheduler.add_noise(torch.ones(2, 2, dtype=torch.uint8), x, t)
     with pytest.raises(ValueError, match=r"the sample passed to step 0 of 3 .*NaN or Inf"):
         scheduler.step(x, t, torch.tensor([[1.0, math.inf], [0.0, 0.0]]))
+    with pytest.raises(TypeError, match=r"^model_output must be a floating-point tensor, got torch\.int64\.$"):
+        scheduler.step(torch.ones(2, 2, dtype=torch.long), t, x)
+    with pytest.raises(TypeError, match=r"^model_output must be a floating-point tensor, got list\.$"):
+        scheduler.step([[0.0, 0.0]], t, x)
+
+
+def test_enormous_but_finite_outputs_are_not_reported():
+    """The finite-output check sums in float64: float32 values near their maximum must not overflow it."""
+    scheduler = ProbabilityFlowODEScheduler(solver="euler")
+    scheduler.set_timesteps(3)
+    huge = torch.full((2, 4), 3e38)
+    scheduler.step(huge, scheduler.timesteps[0], huge)  # model output and the sample entering the loop
+    scheduler.step(-huge, scheduler.timesteps[1], torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_samples_are_stepped_in_float32_and_returned_in_their_dtype(dtype):
+    runs = {}
+    for sample_dtype in (dtype, torch.float32):
+        scheduler = ProbabilityFlowODEScheduler()
+        scheduler.set_timesteps(4)
+        x = torch.linspace(-3, 3, 8).reshape(2, 4).to(dtype)
+        outputs = []
+        for t in scheduler.timesteps[:3]:
+            out = scheduler.step(torch.sin(x.float()).to(dtype), t, x.to(sample_dtype))
+            assert out.prev_sample.dtype == out.pred_original_sample.dtype == sample_dtype
+            outputs.append((out.prev_sample, out.pred_original_sample))
+            x = out.prev_sample.to(dtype)
+        runs[sample_dtype] = outputs
+    for (prev, pred), (prev32, pred32) in zip(runs[dtype], runs[torch.float32]):
+        assert torch.equal(prev, prev32.to(dtype)) and torch.equal(pred, pred32.to(dtype))
 
 
 # --- exact values and messages of the shared scheduler machinery ----------------------------------------------

@@ -100,7 +100,7 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         # with no previous x_0 (the first step taken) DPM-Solver++ 2M is its first-order step: the
         # extrapolation from x_0 to itself is x_0; a loop begun at a Heun correction keeps the Euler step
         # that led there (the correction with x_0_start = x_0)
-        return "sample_0" if name in ("previous_sample_0", "start_sample_0") else None
+        return "sample_0"
 
     def _euler(self, x, epsilon, level_index):
         hi, lo = self._levels[level_index], self._levels[level_index + 1]

@@ -618,10 +618,10 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         """Tensors of this stage that later stages read (multistep solvers override this)."""
         return {}
 
-    def _stand_in(self, name: str) -> Optional[str]:
-        """The tensor of the current stage to use for kept tensor ``name`` when no earlier stage provided it
-        (a loop begun at this entry); ``None`` if there is none."""
-        return None
+    def _stand_in(self, name: str) -> str:
+        """The tensor of the current stage to use for kept tensor ``name`` when no earlier stage provided it (a
+        loop begun at this entry). Every scheduler that keeps tensors (``_keeps``) stands in for each of them."""
+        raise NotImplementedError(f"{type(self).__name__} keeps {name!r} but has no stand-in for it.")
 
     @property
     def step_index(self) -> Optional[int]:
@@ -665,7 +665,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         ``self.timesteps`` (what iterating over it, or over a slice of it, gives) is a view whose storage
         offset is its index; ``None`` for anything else."""
         if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep._base is self.timesteps:
-            return timestep.storage_offset() - self.timesteps.storage_offset()
+            return timestep.storage_offset()  # set_timesteps makes timesteps its own storage, from offset 0
         return None
 
     @staticmethod
@@ -835,8 +835,8 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             if "noise" in needed:
                 tensors["noise"] = self._noise(x, generator)
             for name in needed:
-                if name not in tensors:
-                    self._stand_in_for(name, tensors, index)
+                if name not in tensors:  # a loop begun at this entry: no earlier entry kept it
+                    tensors[name] = tensors[self._stand_in(name)]
             prev_sample = plan.prev_sample(tensors)
         self._kept = {name: tensors[source] for name, source in plan.keeps.items()}
         self._step_index += 1
@@ -844,15 +844,6 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, sample_0)
         return ScoreSchedulerOutput(prev_sample=prev_sample, pred_original_sample=sample_0)
-
-    def _stand_in_for(self, name: str, tensors: Dict[str, torch.Tensor], index: int):
-        source = self._stand_in(name)
-        if source is None:
-            raise ValueError(
-                f"entry {index} of timesteps needs {name!r} from the previous entry, which was not stepped; "
-                "begin at an entry that starts a step (timesteps[k * scheduler.order])."
-            )
-        tensors[name] = tensors[source]
 
     def _update(self, stage: Stage, x, epsilon, sample_0, noise):
         """The update rule of ``stage``, on ``LinearCombination`` symbols (predictor-corrector; ALD and the ODE
