@@ -186,6 +186,23 @@ def single_gaussian_errors(nfes, std=0.2):
     return {nfe: (sample(gaussian, torch.ones(1, 1, dtype=torch.float64), num_inference_steps=nfe).item() / std) ** 2 - 1 for nfe in nfes}
 
 
+def single_gaussian_step_errors(nfe, std=0.2):
+    """Where that error is made: each step of the default grid taken from the exact ODE state (and with the exact
+    previous x_0), as ``(sigma / a at its start, 2 (x_next / exact x_next - 1))``, its first-order share of the
+    variance ratio. On N(0, std^2) the exact path is ``x = sqrt(a^2 std^2 + sigma^2)`` (times a constant)."""
+    gaussian = GaussianMixture([1.0], [[0.0]], [std])
+    scheduler = make_scheduler()
+    model = exact_score_model(gaussian, scheduler)
+    scheduler.set_timesteps(nfe)
+    exact = [math.sqrt(level.a**2 * std**2 + level.sigma**2) for level in (scheduler.level_of(i) for i in range(nfe))]
+    shares = []
+    for i, t in enumerate(scheduler.timesteps[:-1]):  # the last entry is the final denoising, exact here
+        x = torch.full((1, 1), exact[i], dtype=torch.float64)
+        following = scheduler.step(model(x, t), t, x).prev_sample.item()
+        shares.append((scheduler.level_of(i).noise_ratio, 2 * (following / exact[i + 1] - 1)))
+    return shares
+
+
 def check_differentiable_solver(nfe=8):
     """``differentiable_2m`` against the scheduler on a non-uniform grid, before trusting its gradient."""
     mixture = held_out_mixtures()[0]
@@ -203,11 +220,14 @@ def main():
     parser.add_argument("--power", type=float, default=2.0, help="p of the proxy (larger weighs the worst mixture more)")
     parser.add_argument("--iterations", type=int, default=150, help="Adam steps per NFE")
     parser.add_argument("--out", default="benchmarks/results/optimised_log_snr_grid.json")
-    parser.add_argument("--single_gaussian", action="store_true", help="only print the default grid's signed error on N(0, 0.2^2)")
+    parser.add_argument("--single_gaussian", action="store_true", help="only print the default grid's signed error on N(0, 0.2^2), and per step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.single_gaussian:
         print("; ".join(f"NFE {nfe}: {error:+.4f}" for nfe, error in single_gaussian_errors(args.nfe).items()))
+        for nfe in args.nfe:
+            shares = single_gaussian_step_errors(nfe)
+            print(f"NFE {nfe}, per step (sigma / a at its start: share): " + "; ".join(f"{r:.3g}: {e:+.4f}" for r, e in shares))
         return
     check_differentiable_solver()
     loss = HeldOutLoss(args.power)
