@@ -50,9 +50,9 @@ print-torch:
 MUTATION_SCOPES ?= \
 	'diffusers_scorekit.sde.*=test_sde.py,test_exact_gaps.py,test_losses.py' \
 	'diffusers_scorekit.parametrization.*=test_sde.py,test_exact_gaps.py,test_schedulers.py' \
-	'diffusers_scorekit.pipelines.score_sde.*_model_output*=test_pipeline.py,test_exact_gaps.py' \
-	'diffusers_scorekit.pipelines.score_sde.*_add_classifier_gradient*=test_pipeline.py,test_exact_gaps.py' \
-	'diffusers_scorekit.pipelines.score_sde.*Pipeline?_sample*=test_pipeline.py,test_exact_gaps.py' \
+	'diffusers_scorekit.pipelines.score_sde.*_model_output*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
+	'diffusers_scorekit.pipelines.score_sde.*_add_classifier_gradient*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
+	'diffusers_scorekit.pipelines.score_sde.*Pipeline?_sample*=test_pipeline.py,test_exact_gaps.py,test_pipeline_replay.py' \
 	'diffusers_scorekit.metrics.x_gaussian_statistics*=test_metrics.py,test_exact_gaps.py' \
 	'diffusers_scorekit.metrics.x__psd_square_root*=test_metrics.py,test_exact_gaps.py' \
 	'diffusers_scorekit.metrics.x_frechet_distance*=test_metrics.py,test_exact_gaps.py' \
@@ -61,10 +61,12 @@ MUTATION_SCOPES ?= \
 	'diffusers_scorekit.metrics.x_precision_recall*=test_metrics.py,test_exact_gaps.py' \
 	'diffusers_scorekit.metrics.x_knn_coverage*=test_metrics.py,test_exact_gaps.py' \
 	'diffusers_scorekit.losses.*=test_losses.py,test_exact_gaps.py,test_losses_exact.py' \
-	'diffusers_scorekit.schedulers.sde_updates.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
-	'diffusers_scorekit.schedulers.linear_combination.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
-	'diffusers_scorekit.schedulers.scheduling_*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py' \
-	'diffusers_scorekit.likelihood.*=test_likelihood.py,test_pipeline_likelihood.py'
+	'diffusers_scorekit.schedulers.sde_updates.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
+	'diffusers_scorekit.schedulers.linear_combination.*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
+	'diffusers_scorekit.schedulers.scheduling_*=test_schedulers.py,test_oracle_sampling.py,test_exact_gaps.py,test_scheduler_conventions.py' \
+	'diffusers_scorekit.likelihood.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py' \
+	'diffusers_scorekit.training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
+	'diffusers_scorekit.training.step.x_prepare_training*=test_exact_gaps.py,test_training.py'
 
 mutation: $(VENV)/.installed
 	for entry in $(MUTATION_SCOPES); do \

@@ -27,8 +27,9 @@ from .sde import SDE, broadcast_like, default_sampling_eps
 DIVERGENCES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
 DATA_TYPES = ("continuous", "8bit")
-#: torchdiffeq's adaptive Runge-Kutta methods (the ones that take ``step_t``)
-METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+# torchdiffeq's adaptive Runge-Kutta methods (the ones that take ``step_t``) and their orders
+_METHOD_ORDERS = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
+METHODS = tuple(_METHOD_ORDERS)
 
 # 8-bit data: log2 of the bin count (256) minus log2 of dy/dx (2) for y = 2x - 1; see ``log_likelihood``
 EIGHT_BIT_BPD_OFFSET = 8.0 - 1.0
@@ -107,13 +108,22 @@ def probability_flow_drift(score_fn: ScoreFunction, x: torch.Tensor, t) -> torch
 
 
 class _CountedCalls:
-    """An ODE right-hand side that counts how often the solver calls it."""
+    """An ODE right-hand side that counts its evaluations; ``remember`` hands one known value back at its time
+    instead of evaluating again (the solver's first call repeats the one ``_initial_step`` made)."""
 
     def __init__(self, dynamics: Callable):
         self.dynamics = dynamics
         self.calls = 0
+        self.remembered = None
+
+    def remember(self, t: torch.Tensor, value) -> None:
+        self.remembered = (t, value)
 
     def __call__(self, t, state):
+        if self.remembered is not None:
+            (known_t, value), self.remembered = self.remembered, None
+            if torch.equal(t, known_t):
+                return value
         self.calls += 1
         return self.dynamics(t, state)
 
@@ -139,18 +149,45 @@ def per_dimension_norm(num_dims: int) -> Callable:
     return norm
 
 
-def _solve(dynamics: Callable, state, t_start: float, t_end: float, rtol, atol, method, device, norm=None):
+def _each(function: Callable, *states):
+    """``function`` applied part by part to states that are tensors or tuples of tensors."""
+    if isinstance(states[0], tuple):
+        return tuple(function(*parts) for parts in zip(*states))
+    return function(*states)
+
+
+def _initial_step(dynamics: Callable, state, derivative, times: torch.Tensor, rtol, atol, norm, order: int) -> float:
+    """Hairer, Norsett and Wanner's starting step size (Solving ODEs I, II.4), kept inside ``times``' span.
+
+    torchdiffeq's own choice probes the right-hand side at ``t_start + h0`` with ``h0`` unbounded: where the drift
+    is small at the start (VE at ``t = eps``) that lies far outside [0, 1], where sigma overflows, and the solve
+    dies with "underflow in dt". One probe evaluation, as torchdiffeq's.
+    """
+    span = (times[1] - times[0]).abs().item()
+    direction = 1.0 if times[1] > times[0] else -1.0
+    scale = _each(lambda y: atol + rtol * y.abs(), state)
+    d0 = norm(_each(torch.div, state, scale)).item()
+    d1 = norm(_each(torch.div, derivative, scale)).item()
+    h0 = min(1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1, span)
+    probe = dynamics(times[0] + direction * h0, _each(lambda y, f: y + direction * h0 * f, state, derivative))
+    d2 = norm(_each(lambda f1, f0, s: (f1 - f0) / s, probe, derivative, scale)).item() / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / order)
+    return min(100 * h0, h1, span)
+
+
+def _solve(dynamics: Callable, state, t_start: float, t_end: float, rtol, atol, method, device, norm=_rms):
     """The state at ``t_end`` and the number of right-hand-side calls."""
     from torchdiffeq import odeint
 
     counted = _CountedCalls(dynamics)
     times = torch.tensor([t_start, t_end], dtype=torch.float64, device=device)
-    # without ``step_t`` the solver steps past ``t_end`` and interpolates back, evaluating the model outside
-    # [0, 1] (where a continuous VP's sigma(t < 0) is NaN); with it, the last step lands on ``t_end``
-    options = {"step_t": times[1:]}
-    if norm is not None:
-        options["norm"] = norm
     with torch.no_grad():
+        derivative = counted(times[0], state)
+        first_step = _initial_step(counted, state, derivative, times, rtol, atol, norm, _METHOD_ORDERS[method])
+        counted.remember(times[0], derivative)
+        # without ``step_t`` the solver steps past ``t_end`` and interpolates back, evaluating the model outside
+        # [0, 1] (where a continuous VP's sigma(t < 0) is NaN); with it, the last step lands on ``t_end``
+        options = {"step_t": times[1:], "first_step": first_step, "norm": norm}
         trajectory = odeint(counted, state, times, rtol=rtol, atol=atol, method=method, options=options)
     end_state = tuple(part[-1] for part in trajectory) if isinstance(trajectory, tuple) else trajectory[-1]
     return end_state, counted.calls

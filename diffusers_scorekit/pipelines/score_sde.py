@@ -151,7 +151,7 @@ class ScoreSDEPipeline(DiffusionPipeline):
     # --- one guided model evaluation -----------------------------------------------------------------------
 
     def _model_output(self, x, t, class_labels, guidance_scale, classifier, classifier_scale):
-        timestep = t.to(x.device).expand(x.shape[0]) if torch.is_tensor(t) else t
+        timestep = t.to(x.device).expand(x.shape[0])
         # with classifier guidance the labels are the classifier's; only a class-conditional model sees them
         model_labels = class_labels if self.unet.config.get("num_class_embeds") is not None else None
         if model_labels is None:
@@ -161,7 +161,7 @@ class ScoreSDEPipeline(DiffusionPipeline):
         else:
             null_labels = torch.full_like(model_labels, self.null_class_label)
             both = self.unet(
-                torch.cat([x, x]), torch.cat([timestep, timestep]) if torch.is_tensor(timestep) else timestep,
+                torch.cat([x, x]), torch.cat([timestep, timestep]),
                 class_labels=torch.cat([model_labels, null_labels]),
             ).sample
             conditional, unconditional = both.chunk(2)
