@@ -44,7 +44,8 @@ print-torch:
 
 
 # Mutation testing of the core modules, one module (or part of one) at a time against its own test files, so that
-# a stopped run keeps what it finished; about an hour on 2 cores, so not in CI. Each entry is
+# a stopped run keeps what it finished; about two hours from nothing on 2 cores (TESTING.md has the times per
+# entry), so not in CI. Each entry is
 # mutant-name-pattern=test files (mutmut skips decorated methods and properties: inpainting's replacement step is
 # in _sample). Settings in pyproject.toml [tool.mutmut]; the last run's findings in TESTING.md.
 MUTATION_SCOPES ?= \

@@ -7,6 +7,8 @@ by hand: with ``Delta = sigma(1)^2 - sigma(eps)^2`` the latent is ``expm(-Delta 
 ``M`` is not diagonal, so every probe value shows in the answer.
 """
 
+import re
+
 import pytest
 import torch
 import torchdiffeq
@@ -70,7 +72,8 @@ def test_hutchinson_integral_uses_the_probes_drawn_from_the_generator(probe, num
     probes = probes_for(x, num_probes, probe, 11)
     quadratic_forms = ((probes @ M.T) * probes).sum(-1).mean(0)  # mean over probes of v^T M v, per sample
     delta = flow_integral()
-    assert torch.allclose(out.delta_log_p, -0.5 * delta * quadratic_forms, rtol=1e-7, atol=1e-9)
+    # tight enough that float32 probes (rounded at 6e-8) would show
+    assert torch.allclose(out.delta_log_p, -0.5 * delta * quadratic_forms, rtol=1e-8, atol=0)
     assert torch.allclose(out.latent, x @ torch.linalg.matrix_exp(-0.5 * delta * M).T, rtol=1e-7, atol=1e-9)
     assert torch.allclose(out.log_likelihood, SDE.prior_log_prob(out.latent) + out.delta_log_p, rtol=1e-12)
 
@@ -86,6 +89,26 @@ def test_the_model_is_never_called_outside_the_flows_time_range():
     decode(score_fn, latent)
     # the model gets the time in float32
     assert torch.tensor(eps, dtype=torch.float32).item() <= min(score_fn.model.times) and max(score_fn.model.times) <= 1.0
+
+
+@pytest.mark.parametrize("method, new_evaluations_per_step", [("dopri5", 6), ("bosh3", 3)])
+def test_the_first_steps_evaluations_are_shared_with_the_solver(method, new_evaluations_per_step):
+    """Two evaluations start a solve (the derivative at the start and the probe that sizes the first step); every
+    step after that, accepted or rejected, costs its stages less the one it shares with the last (FSAL)."""
+    score_fn, x = linear_score_function(), x_batch()
+    for run in (lambda: encode(score_fn, x, method=method), lambda: log_likelihood(score_fn, x, method=method)):
+        calls_before = len(score_fn.model.times) // len(x)
+        nfe = run().nfe
+        assert nfe == len(score_fn.model.times) // len(x) - calls_before
+        assert nfe % new_evaluations_per_step == 2 and nfe > 2 * new_evaluations_per_step
+
+
+def test_a_batch_of_one_is_a_batch():
+    score_fn, x = linear_score_function(), x_batch()
+    alone = log_likelihood(score_fn, x[:1], divergence="exact", **TIGHT)
+    together = log_likelihood(score_fn, x, divergence="exact", **TIGHT)
+    assert torch.allclose(alone.log_likelihood, together.log_likelihood[:1], rtol=1e-9)
+    assert torch.allclose(alone.bits_per_dim, together.bits_per_dim[:1], rtol=1e-9)
 
 
 def test_exact_divergence_is_the_trace():
@@ -205,7 +228,8 @@ def test_ode_sample_draws_its_latent_from_the_generator_in_the_given_dtype():
 @pytest.mark.parametrize("shape", [(4,), (4, 0), (4, 2.0), (0, 2)])
 def test_ode_sample_rejects_shapes_that_are_not_positive_ints(shape):
     score_fn, _ = gaussian_score_function()
-    with pytest.raises(ValueError, match=r"^shape_or_latent=.* positive ints"):
+    message = f"shape_or_latent={shape!r} is not supported; give a latent tensor or a shape (batch, ...) of positive ints."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         ode_sample(score_fn, shape)
 
 
@@ -227,6 +251,22 @@ def test_errors_name_the_argument():
         bits_per_dim(torch.zeros(1), 2, data="16bit")
     with pytest.raises(ValueError, match=r"^num_probes=0 is not supported; it must be a positive int\.$"):
         log_likelihood(score_fn, x_batch(), num_probes=0)
+    with pytest.raises(ValueError, match=r"^atol=0 is not supported; it must be a positive number\.$"):
+        encode(score_fn, x_batch(), atol=0)
+    with pytest.raises(ValueError, match=r"^rtol=-1 is not supported; it must be a positive number\.$"):
+        decode(score_fn, x_batch(), rtol=-1)
+    with pytest.raises(ValueError, match=r"^x is an empty batch \(shape \(0, 2\)\): there is nothing to integrate\.$"):
+        encode(score_fn, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match=r"with at least 2 dimensions, got <class 'list'>\.$"):
+        encode(score_fn, [[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"got tensor of dtype torch\.int64 and shape \(3, 2\)\.$"):
+        encode(score_fn, torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^sampling_eps=1\.0 is not supported; it must lie in \[0, 1\)\.$"):
+        encode(score_fn, x_batch(), sampling_eps=1.0)
+    vp_score_fn, _ = gaussian_score_function()
+    with pytest.raises(ValueError, match=r"^sampling_eps=0 is not supported; sigma\(sampling_eps\) is 0 for this SDE, "
+                       r"where the score is undefined\.$"):
+        encode(vp_score_fn, x_batch(), sampling_eps=0)
 
 
 @pytest.mark.parametrize("low, high, accepted", [(-1.0, 1.0, True), (0.5, 0.5, True), (-1.5, 0.0, False),
@@ -239,6 +279,12 @@ def test_eight_bit_likelihood_needs_the_unit_range_and_accepts_its_ends(low, hig
     else:
         with pytest.raises(ValueError, match=r"^x='values in \[.*\]' is not supported; data=\"8bit\" needs"):
             log_likelihood(linear_score_function(), x, data="8bit", divergence="exact")
+
+
+def test_eight_bit_levels_name_the_values_out_of_range():
+    with pytest.raises(ValueError, match=r"^images='values in \[1\.5, 300\.0\]' is not supported; give integers in "
+                       r"\[0, 255\]\.$"):
+        eight_bit_levels(torch.tensor([1.5, 300.0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
@@ -254,3 +300,93 @@ def test_dequantisation_is_levels_plus_the_generators_uniform_noise():
     noise = torch.rand(levels.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float32)
     assert scaled.dtype == torch.float32
     assert torch.equal(scaled, 2 * (levels.to(torch.float32) + noise) / 256 - 1)
+
+
+# --- the first step: Hairer, Norsett and Wanner's rule, inside the interval ----------------------------------
+
+
+class Recorded:
+    """``dy/dt = rate * y``; records where it is evaluated."""
+
+    def __init__(self, rate):
+        self.rate, self.points = rate, []
+
+    def __call__(self, t, y):
+        self.points.append((float(t), y.clone()))
+        return self.rate * y
+
+
+def first_step(rate, times, order=5, rtol=1e-3, atol=1e-3):
+    from diffusers_scorekit.likelihood import _initial_step, _rms
+
+    dynamics = Recorded(rate)
+    state = torch.ones(2, dtype=torch.float64)
+    times = torch.tensor(times, dtype=torch.float64)
+    step = _initial_step(dynamics, state, rate * state, times, rtol, atol, _rms, order)
+    return step, dynamics.points
+
+
+# With y = 1 and rtol = atol = 1e-3 every entry's scale is 2e-3, so d0 = 500 and d1 = 1000 |rate| / 2; the probe
+# at h0 gives d2 = |rate|^2 / 2e-3 (the change of f over h0, scaled, divided by h0).
+@pytest.mark.parametrize("times, probe_time, probe_value", [([0.0, 1.0], 0.005, 0.99), ([1.0, 0.0], 0.995, 1.01)])
+def test_first_step_of_a_linear_decay(times, probe_time, probe_value):
+    step, points = first_step(-2.0, times)  # h0 = 0.01 * 500 / 1000, d2 = 2000: h1 = (0.01 / 2000)^(1/5)
+    assert step == pytest.approx((0.01 / 2000) ** (1 / 5), rel=1e-12)
+    [(t, y)] = points
+    assert t == pytest.approx(probe_time, rel=1e-12) and torch.allclose(y, torch.full((2,), probe_value, dtype=torch.float64), rtol=1e-12)
+    assert first_step(-2.0, times, order=3)[0] == pytest.approx((0.01 / 2000) ** (1 / 3), rel=1e-12)
+
+
+def test_first_step_is_at_most_a_hundred_times_the_probe_step():
+    # rate -2000: h0 = 0.01 * 500 / 1e6 = 5e-6, h1 = (0.01 / 2e9)^(1/5) = 0.0055 > 100 h0
+    step, points = first_step(-2000.0, [0.0, 1.0])
+    assert step == pytest.approx(5e-4, rel=1e-12) and points[0][0] == pytest.approx(5e-6, rel=1e-12)
+
+
+def test_first_step_and_its_probe_stay_inside_the_interval():
+    # a short interval caps both the probe (h0 = 0.005 > 0.001) and the step
+    step, points = first_step(-2.0, [0.0, 1e-3])
+    assert step == 1e-3 and points[0][0] == pytest.approx(1e-3, rel=1e-12)
+    # a slow start (d1 = 5e-4) asks for h0 = 1e4: probed at the interval's end, not at t = 1e4
+    step, points = first_step(-1e-6, [0.0, 1.0])
+    assert step == 1.0 and points[0][0] == 1.0
+
+
+def test_first_step_when_nothing_moves():
+    # d1 = 0: h0 = 1e-6 and, as f does not change either, h1 = max(1e-6, 1e-3 h0) = 1e-6
+    step, points = first_step(0.0, [0.0, 1.0])
+    assert step == 1e-6 and points[0][0] == pytest.approx(1e-6, rel=1e-12)
+
+
+def test_first_step_of_a_pair_of_states_uses_the_pairs_norm():
+    from diffusers_scorekit.likelihood import _initial_step
+
+    state = (torch.ones(2, dtype=torch.float64), torch.full((1,), 4.0, dtype=torch.float64))
+
+    def dynamics(t, pair):
+        return (-2.0 * pair[0], torch.zeros_like(pair[1]))
+
+    def norm(pair):  # the x part only, as if the second were negligible
+        return pair[0].pow(2).mean().sqrt()
+
+    step = _initial_step(dynamics, state, dynamics(0.0, state), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                         1e-3, 1e-3, norm, 5)
+    assert step == pytest.approx((0.01 / 2000) ** (1 / 5), rel=1e-12)
+
+
+def test_solver_options_and_the_likelihoods_error_norm(monkeypatch):
+    captured = []
+    original = torchdiffeq.odeint
+
+    def capture(func, state, times, **kwargs):
+        captured.append(kwargs["options"])
+        return original(func, state, times, **kwargs)
+
+    monkeypatch.setattr(torchdiffeq, "odeint", capture)
+    log_likelihood(linear_score_function(), x_batch(), generator=torch.Generator().manual_seed(0))
+    [options] = captured
+    assert set(options) == {"step_t", "first_step", "norm"} and 0 < options["first_step"] <= 1
+    error = (torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64),
+             torch.tensor([12.0, -12.0, 0.0], dtype=torch.float64))
+    # max(RMS of x's entries, RMS of delta_log_p / D): sqrt(25 / 6) against sqrt(96) / 2
+    assert options["norm"](error).item() == pytest.approx(96**0.5 / 2, rel=1e-12)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import diffusers
 import pytest
@@ -398,3 +399,114 @@ def test_bad_step_inputs():
         scheduler.add_noise(torch.ones(2, 2, dtype=torch.uint8), x, t)
     with pytest.raises(ValueError, match=r"the sample passed to step 0 of 3 .*NaN or Inf"):
         scheduler.step(x, t, torch.tensor([[1.0, math.inf], [0.0, 0.0]]))
+
+
+# --- exact values and messages of the shared scheduler machinery ----------------------------------------------
+
+
+def _ode_on_ddpm(num_train_timesteps=500):
+    return ProbabilityFlowODEScheduler.from_config(diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps).config)
+
+
+def test_add_noise_is_diffusers_own_on_its_schedule():
+    reference = diffusers.DDPMScheduler(num_train_timesteps=500)
+    x_0, noise = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)), torch.randn(3, 2, 4)
+    timesteps = torch.tensor([499, 250, 0])
+    expected = reference.add_noise(x_0, noise, timesteps)
+    ours = _ode_on_ddpm()
+    torch.testing.assert_close(ours.add_noise(x_0, noise, timesteps), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.add_noise(x_0, noise, [499, 250, 0]), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match=r"^noise must be a floating-point tensor, got torch\.int64\.$"):
+        ours.add_noise(x_0, torch.zeros(3, 2, 4, dtype=torch.int64), timesteps)
+    with pytest.raises(TypeError, match=r"^original_samples must be a floating-point tensor, got list\.$"):
+        ours.add_noise([1.0], noise, timesteps)
+
+
+def test_custom_grids_accept_their_range_ends_and_name_what_is_wrong():
+    scheduler = _ode_on_ddpm()
+    scheduler.set_timesteps(timesteps=[499, 0])  # the range's two ends, t = 1 and t = 0
+    assert scheduler.timesteps.tolist() == [499.0, 0.0]
+    top = scheduler.level_of(0).noise_ratio
+    scheduler.set_timesteps(sigmas=[top, 0.5])
+    assert scheduler.level_of(0).noise_ratio == pytest.approx(top, rel=1e-9)
+    bad = {
+        "timesteps=[500.0, 0.0] is invalid: its values must lie in [0, 499] (t from 0 to 1).": dict(timesteps=[500, 0]),
+        "timesteps=[10.0, 10.0] is invalid: it must be finite and strictly decreasing.": dict(timesteps=[10, 10]),
+        "timesteps=[nan, 1.0] is invalid: it must be finite and strictly decreasing.": dict(timesteps=[math.nan, 1]),
+        "len(timesteps)=0 is invalid: it must be an integer >= 1.": dict(timesteps=[]),
+        f"sigmas=[{top * 1.01!r}, 0.5] is invalid: its values must lie in ": dict(sigmas=[top * 1.01, 0.5]),
+        "sigmas=[1.0, -0.5] is invalid: its values must lie in ": dict(sigmas=[1.0, -0.5]),
+    }
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            scheduler.set_timesteps(**kwargs)
+    with pytest.raises(ValueError, match=re.escape(" and be positive: the final step to sigma = 0 is denoise_final's")):
+        scheduler.set_timesteps(sigmas=[1.0, 0.0])
+
+
+def test_begin_index_takes_any_entry_and_the_end():
+    scheduler = _ode_on_ddpm()
+    with pytest.raises(ValueError, match="^set_begin_index was called before set_timesteps"):
+        scheduler.set_begin_index(0)
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(4)  # an empty loop (img2img at strength 0)
+    scheduler.set_begin_index(2)
+    x = torch.ones(2, 3)
+    stepped = scheduler.step(torch.zeros(2, 3), scheduler.timesteps[2], x).prev_sample
+    assert scheduler.step_index == 3
+    fresh = _ode_on_ddpm()
+    fresh.set_timesteps(4)
+    torch.testing.assert_close(stepped, fresh.step(torch.zeros(2, 3), fresh.timesteps[2], x).prev_sample)
+    for index in (5, -1, 2.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"begin_index={index!r} is invalid: it must be an integer in [0, 4].")):
+            scheduler.set_begin_index(index)
+
+
+def test_non_finite_errors_say_where():
+    scheduler = _ode_on_ddpm()
+    scheduler.set_timesteps(3)
+    x = torch.ones(2, 3)
+    level = scheduler.level_of(0)
+    where = f"step 0 of 3 (t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
+    with pytest.raises(ValueError, match=re.escape(f"model output (or the sample entering the loop) at {where} contains NaN or Inf.")):
+        scheduler.step(torch.full((2, 3), math.nan), scheduler.timesteps[0], x)
+    scheduler.set_timesteps(3)
+    x = scheduler.step(torch.zeros(2, 3), scheduler.timesteps[0], x).prev_sample
+    level = scheduler.level_of(1)
+    where = f"step 1 of 3 (t={level.t:.6g}, sigma={level.sigma:.6g}, timestep={level.timestep:.6g})"
+    with pytest.raises(ValueError, match="^" + re.escape(f"model output at {where} contains NaN or Inf.")):
+        scheduler.step(torch.full((2, 3), math.inf), scheduler.timesteps[1], x)
+
+
+_SPACED = "scorekit spaces levels uniformly in t, in log-SNR or by Karras' rho (use_karras_sigmas)"
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True in the DDPM-family config is "
+     "not supported: zero terminal SNR puts sigma / a = inf at t = 1, where no SDE can start."),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, f"use_exponential_sigmas=True in the DDPM-family "
+     f"config is not supported: {_SPACED}."),
+    ("LMSDiscreteScheduler", {"use_beta_sigmas": True}, f"use_beta_sigmas=True in the DDPM-family config is not "
+     f"supported: {_SPACED}."),
+    ("DDPMScheduler", {"thresholding": True}, "thresholding=True in the DDPM-family config is not supported: dynamic "
+     "thresholding is not a step of a score SDE sampler; set it to False."),
+    ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type='learned_range' in the DDPM-family config is "
+     "not supported: a model with learned variance outputs twice the sample's channels."),
+    ("DDPMScheduler", {"variance_type": "learned"}, "variance_type='learned' in the DDPM-family config is not "
+     "supported: a model with learned variance outputs twice the sample's channels."),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type='continuous' in the DDPM-family config "
+     "is not supported: only discrete training timesteps translate."),
+    ("EulerDiscreteScheduler", {"sigma_min": 0.1}, "sigma_min=0.1 in the DDPM-family config is not supported: on a VP "
+     "schedule the sigma range is the beta schedule's; leave it None."),
+    ("EulerDiscreteScheduler", {"sigma_max": 10.0}, "sigma_max=10.0 in the DDPM-family config is not supported: on a "
+     "VP schedule the sigma range is the beta schedule's; leave it None."),
+    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True}, "use_flow_sigmas="
+     "True in the DDPM-family config is not supported: flow-matching models are not score models."),
+    ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction' in the "
+     "DDPM-family config is not supported: choose one of ('epsilon', 'score', 'sample', 'v_prediction')."),
+    ("DDIMScheduler", {"timestep_spacing": "karras"}, "timestep_spacing='karras' in the DDPM-family config is not "
+     "supported: choose linspace, leading or trailing."),
+])
+def test_untranslatable_fields_say_why(name, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        ProbabilityFlowODEScheduler.from_config(getattr(diffusers, name)(**kwargs).config)

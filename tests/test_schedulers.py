@@ -417,3 +417,37 @@ def test_heun_begun_at_a_correction_keeps_the_euler_step():
     assert scheduler.step_index == 2
     x, _ = _loop_from(scheduler, model, out.prev_sample, 2)
     assert torch.isfinite(x).all()
+
+
+def test_linear_combination_arithmetic_evaluation_and_repr():
+    from diffusers_scorekit.schedulers.linear_combination import LinearCombination
+
+    x, eps = LinearCombination.symbol("x"), LinearCombination.symbol("eps")
+    update = 0.5 * x - eps / 4 + 2 * (eps - x)
+    assert update.coefficients == {"x": -1.5, "eps": 1.75}
+    assert repr(update) == "-1.5 x + 1.75 eps"
+    assert (x - x).inputs == () and (x + 0 * eps).inputs == ("x",)
+    tensors = {"x": torch.tensor([1.0, -2.0]), "eps": torch.tensor([4.0, 8.0])}
+    assert torch.equal(update(tensors), torch.tensor([-1.5 + 7.0, 3.0 + 14.0]))
+    with pytest.raises(TypeError, match="only numbers scale a LinearCombination"):
+        x * eps
+    with pytest.raises(ValueError, match="no non-zero coefficient"):
+        (x - x)(tensors)
+
+
+def test_update_rules_with_hand_computed_numbers():
+    """Each rule of sde_updates on numbers worked out by hand (the samplers' tests check them in distribution,
+    where a flipped noise sign or a rule exact only at alpha = 1 would not show)."""
+    from diffusers_scorekit.schedulers import sde_updates
+
+    x, score, noise = torch.tensor([2.0]), torch.tensor([-1.0]), torch.tensor([0.5])
+    # x + (f x - g^2 s) dt + sqrt(-g^2 dt) z with f = 0.5, g^2 = 4, dt = -0.25: 2 + (1 + 4)(-0.25) + 1 * 0.5
+    assert sde_updates.euler_maruyama(x, score, 0.5, 4.0, -0.25, noise).item() == pytest.approx(1.25, rel=1e-12)
+    # 2 alpha (snr |z| / |s|)^2, norms averaged over the batch: |z| = (3 + 4) / 2, |s| = (1 + 2) / 2
+    step = sde_updates.snr_step_size(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[3.0, 0.0], [0.0, 4.0]]),
+                                     snr=0.3, alpha=0.5)
+    assert step.item() == pytest.approx(2 * 0.5 * (0.3 * 3.5 / 1.5) ** 2, rel=1e-6)
+    # x + a (s - s_start) / (2 s) (x0_start - x0): 1 + 0.8 (0.5 - 2) / 1 * (0.25 - 1)
+    corrected = sde_updates.probability_flow_heun_correction(torch.tensor([1.0]), torch.tensor([1.0]),
+                                                             torch.tensor([0.25]), 0.8, 0.5, 2.0)
+    assert corrected.item() == pytest.approx(1 + 0.8 * (0.5 - 2.0) / 1.0 * (0.25 - 1.0), rel=1e-6)

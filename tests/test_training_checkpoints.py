@@ -345,3 +345,153 @@ def test_two_processes_with_torchrun_on_cpus(tmp_path):
     assert sorted(p.name for p in (training.checkpoints_dir(output_dir) / "checkpoint-2").glob("random_states_*")) \
         == ["random_states_0.safetensors", "random_states_1.safetensors"]
     assert (output_dir / WEIGHTS).is_file()
+
+
+# --- what a checkpoint records, and what resuming compares ---------------------------------------------------
+
+
+def _saved_run_config(output_dir, checkpoint="checkpoint-11"):
+    return json.loads((training.checkpoints_dir(output_dir) / checkpoint / training.RUN_CONFIG_NAME).read_text())
+
+
+def test_the_run_config_records_the_model_the_sde_the_data_and_the_settings(twelve_steps):
+    from diffusers_scorekit import ScoreSDEPipeline
+
+    saved = _saved_run_config(twelve_steps)
+    args = training.parse_args([*TINY_TOY, "--max_train_steps", "12", "--output_dir", str(twelve_steps)])
+    unet = ScoreSDEPipeline.from_pretrained(twelve_steps).unet
+    assert saved["model"] == {"class": "ScoreMLP", "config": json.loads(json.dumps(
+        {key: value for key, value in unet.config.items() if not key.startswith("_")}))}
+    assert saved["model"]["config"]["hidden_dim"] == 32 and saved["model"]["config"]["num_layers"] == 2
+    assert saved["sde"] == training.sde_config(args)
+    data = training.load_data(args)
+    assert saved["data"] == {"description": data.description, "normalization": data.normalization,
+                             "class_names": data.class_names}
+    assert {"dataset": "two_moons", "num_toy_samples": 2000, "train_batch_size": 64, "lr_warmup_steps": 5,
+            "use_ema": True, "seed": args.seed}.items() <= saved["training"].items()
+    assert set(training.SPEED_SWITCHES) <= set(saved["training"])
+
+
+def test_resuming_refuses_a_different_model_or_sde_and_names_every_difference(twelve_steps):
+    checkpoint = training.checkpoints_dir(twelve_steps) / "checkpoint-11"
+    current = _saved_run_config(twelve_steps)
+    current["model"]["class"] = "NCSNScoreModel"
+    current["model"]["config"]["hidden_dim"] = 16
+    current["model"]["config"]["added"] = 1
+    current["model"]["config"]["num_layers"] = {"blocks": 2}  # a dict on one side only is a plain difference
+    with pytest.raises(ValueError, match=r"^cannot resume from .*checkpoint-11: its model differs from this run's "
+                       r"\(class: checkpoint 'ScoreMLP', now 'NCSNScoreModel'; config\.added: checkpoint None, now 1; "
+                       r"config\.hidden_dim: checkpoint 32, now 16; config\.num_layers: checkpoint 2, now \{'blocks': 2\}\)\.$"):
+        training.check_resumable(checkpoint, current)
+
+    current = _saved_run_config(twelve_steps)
+    current["sde"]["sigma_max"] = 7.0
+    with pytest.raises(ValueError, match=r"its sde differs from this run's \(sigma_max: checkpoint [0-9.]+, now 7\.0\)"):
+        training.check_resumable(checkpoint, current)
+
+
+def test_resuming_with_other_training_settings_warns_with_each_of_them(twelve_steps, caplog):
+    checkpoint = training.checkpoints_dir(twelve_steps) / "checkpoint-11"
+    current = _saved_run_config(twelve_steps)
+    training.check_resumable(checkpoint, current)
+    assert "different training settings" not in caplog.text
+
+    current["training"]["learning_rate"] = 0.5
+    current["training"]["seed"] = 99
+    training.check_resumable(checkpoint, current)
+    saved = _saved_run_config(twelve_steps)["training"]
+    assert (f"with different training settings (learning_rate: checkpoint {saved['learning_rate']!r}, now 0.5; "
+            f"seed: checkpoint {saved['seed']!r}, now 99)") in caplog.text
+
+
+@pytest.mark.parametrize("pickle_name", ["optimizer.bin", "model.pt", "states.pkl"])
+def test_a_folder_of_pickles_is_refused_whatever_their_suffix(tmp_path, pickle_name):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / pickle_name).write_bytes(b"not read")
+    (folder / "notes.txt").write_text("not a pickle")
+    with pytest.raises(training.CorruptCheckpointError, match=rf"training_state.json is missing; {pickle_name} are "
+                       r"pickles, which are never loaded$"):
+        training.read_checkpoint(folder)
+
+
+@pytest.mark.parametrize("state", [{"format": 2, "files": {}, "step": 3}, {"format": 1, "step": 3}, [1]])
+def test_a_training_state_of_another_format_is_refused(tmp_path, state):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / training.TRAINING_STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(training.CorruptCheckpointError, match="is not a checkpoint description of format 1$"):
+        training.read_checkpoint(folder)
+
+
+def test_checkpoints_are_the_numbered_folders_in_numeric_order(tmp_path):
+    folder = training.checkpoints_dir(tmp_path / "run")
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-x", ".checkpoint-3.partial", "notacheckpo12"):
+        (folder / name).mkdir(parents=True)
+    (folder / "checkpoint-7").write_text("a file, not a checkpoint")
+    (folder / "abcdefghijk5").write_text("neither")
+    assert checkpoint_names(tmp_path / "run") == ["checkpoint-2", "checkpoint-10"]
+
+
+def test_a_stale_partial_folder_and_a_damaged_checkpoint_of_the_same_step_are_replaced(twelve_steps, tmp_path):
+    """A run killed while saving leaves ``.checkpoint-N.partial``; one resumed past a damaged ``checkpoint-N``
+    writes that step again: both are replaced, not an error."""
+    output_dir = tmp_path / "moons"
+    folder = training.checkpoints_dir(output_dir)
+    shutil.copytree(training.checkpoints_dir(twelve_steps), folder)
+    (folder / "checkpoint-11" / "model.safetensors").write_bytes(b"damaged")
+    (folder / ".checkpoint-11.partial").mkdir()
+    (folder / ".checkpoint-11.partial" / "left-over").write_text("from the killed run")
+    train(output_dir, "--max_train_steps", "12", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
+          "--resume_from_checkpoint", "latest")
+    # the last step is saved as the pipeline, not as a checkpoint
+    assert checkpoint_names(output_dir) == ["checkpoint-9", "checkpoint-10", "checkpoint-11"]
+    assert training.read_checkpoint(folder / "checkpoint-11").step == 11
+    assert not (folder / "checkpoint-11" / "left-over").exists() and not list(folder.glob(".checkpoint-*"))
+
+
+def _loaded_training_state(checkpoint):
+    import accelerate
+
+    args = training.parse_args([*TINY_TOY, "--output_dir", str(checkpoint.parent.parent / "unused")])
+    training.resolve_speed(args, torch.device("cpu"))
+    data = training.load_data(args)
+    model = training.build_model(args, data)
+    accelerator = accelerate.Accelerator(cpu=True)
+    return accelerator, training.prepare_training(args, accelerator, model, training.training_sde(args))
+
+
+def test_loading_a_checkpoint_restores_this_process_random_state(twelve_steps):
+    contents = training.read_checkpoint(training.checkpoints_dir(twelve_steps) / "checkpoint-11")
+    accelerator, state = _loaded_training_state(contents.path)
+    torch.manual_seed(12345)
+    assert training.load_checkpoint(contents, accelerator, state) == 11
+    assert torch.equal(torch.get_rng_state(), contents.tensors["random_states_0"]["torch_cpu"])
+
+
+def test_random_states_of_another_process_count_are_not_restored(twelve_steps, caplog):
+    contents = training.read_checkpoint(training.checkpoints_dir(twelve_steps) / "checkpoint-11")
+    contents.state["num_processes"] = 2
+    accelerator, state = _loaded_training_state(contents.path)
+    torch.manual_seed(12345)
+    before = torch.get_rng_state()
+    training.load_checkpoint(contents, accelerator, state)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert "was written by 2 process(es), this run has 1: the random states are not restored" in caplog.text
+
+
+def test_the_run_lock_writes_this_pid_alone_and_releases_safely(tmp_path):
+    nested = tmp_path / "not" / "yet" / "made"
+    lock = training.RunLock(nested)
+    lock.release()  # never acquired: nothing to release
+    lock.path.parent.mkdir(parents=True)
+    lock.path.write_text("99999999 a stale pid from an earlier run\n")
+    lock.acquire()
+    assert lock.path.read_text() == f"{os.getpid()}\n"
+    second = training.RunLock(nested)
+    with pytest.raises(training.TrainingSetupError):
+        second.acquire()
+    second.release()  # a refused lock holds nothing
+    lock.release()
+    lock.release()
+    assert training.RunLock(tmp_path / "a" / "b").acquire().path.is_file()  # its parents are made
