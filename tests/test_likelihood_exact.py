@@ -390,3 +390,14 @@ def test_solver_options_and_the_likelihoods_error_norm(monkeypatch):
              torch.tensor([12.0, -12.0, 0.0], dtype=torch.float64))
     # max(RMS of x's entries, RMS of delta_log_p / D): sqrt(25 / 6) against sqrt(96) / 2
     assert options["norm"](error).item() == pytest.approx(96**0.5 / 2, rel=1e-12)
+
+
+def test_first_step_scales_the_tolerance_by_the_state():
+    from diffusers_scorekit.likelihood import _initial_step, _rms
+
+    # y = 3: scale = 1e-3 + 1e-3 * 3 = 4e-3, so d0 = 750, d1 = 1500 and h0 = 0.005; f changes by 0.06 over it:
+    # d2 = (0.06 / 4e-3) / 0.005 = 3000 and h1 = (0.01 / 3000)^(1/5)
+    state = torch.full((2,), 3.0, dtype=torch.float64)
+    step = _initial_step(Recorded(-2.0), state, -2.0 * state, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                         1e-3, 1e-3, _rms, 5)
+    assert step == pytest.approx((0.01 / 3000) ** (1 / 5), rel=1e-12)
