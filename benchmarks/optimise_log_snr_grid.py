@@ -33,6 +33,7 @@ import torch
 from bench_oracle_samplers import DDPM_CONFIG, LOW_NFE_TARGETS, NUM_DIRECTIONS, Sampler, format_value, run
 from diffusers_scorekit import ProbabilityFlowODEScheduler
 from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
+from diffusers_scorekit.schedulers import sde_updates
 
 REFERENCE_LEVELS = 1000
 # (dimension, modes, mode std): the held-out family, same scale as the benchmark's (modes at distance ~1-1.5)
@@ -89,7 +90,8 @@ def sample(mixture, noise, **grid):
 
 def differentiable_2m(mixture, noise, log_snr):
     """The scheduler's DPM-Solver++ 2M and final denoising on VP (``a^2 = sigmoid(2 lambda)``), in torch ops
-    of the grid ``log_snr`` so that the error has a gradient with respect to it."""
+    of the grid ``log_snr`` so that the error has a gradient with respect to it; the step is the library's
+    ``sde_updates.probability_flow_data_step`` on tensors."""
     a, sigma = torch.sigmoid(2 * log_snr).sqrt(), torch.sigmoid(-2 * log_snr).sqrt()
 
     def sample_0(x, i):  # Tweedie's x_0 from the exact score
@@ -99,7 +101,8 @@ def differentiable_2m(mixture, noise, log_snr):
     for i in range(len(log_snr) - 1):
         current, h = sample_0(x, i), log_snr[i + 1] - log_snr[i]
         estimate = current if previous is None else current + 0.5 * h / previous_h * (current - previous)
-        x = (sigma[i + 1] / sigma[i]) * x - a[i + 1] * torch.expm1(-h) * estimate
+        x = sde_updates.probability_flow_data_step(x, estimate, sigma[i], sigma[i] / a[i], a[i + 1], sigma[i + 1],
+                                                   sigma[i + 1] / a[i + 1])
         previous, previous_h = current, h
     return sample_0(x, len(log_snr) - 1)
 
