@@ -3,10 +3,11 @@
 Two paths solve the same augmented ODE ``[x, delta_log_p]`` with the same tolerances and the same Hutchinson
 (Rademacher) probe:
 
-- ``scorekit``: ``diffusers_scorekit.likelihood.log_likelihood``: torchdiffeq ``dopri5`` on the device, one
-  network forward and one vector-Jacobian product per evaluation.
+- ``scorekit``: ``diffusers_scorekit.likelihood.log_likelihood``: its Dormand-Prince 5(4) solver
+  (``ode_solver``, PI step-size control) on the device, one network forward and one vector-Jacobian product per
+  evaluation.
 - ``score_sde``: what score_sde's ``likelihood.get_likelihood_fn`` does: scipy ``solve_ivp`` (RK45, the same
-  Dormand-Prince pair) on a flattened float64 NumPy state, copying it to the device and back at every
+  Dormand-Prince stages) on a flattened float64 NumPy state, copying it to the device and back at every
   evaluation, with the drift and the divergence computed by separate network calls (two forwards per evaluation).
 
 Models: the exact score of a Gaussian mixture (the oracle, whose exact bits/dim are known) and a
