@@ -133,13 +133,12 @@ def _time(t: float, state) -> torch.Tensor:
 
 
 def _combine(state, h: float, weights, stages):
-    """``state + h * sum_i weights_i * stages_i``, skipping zero weights."""
+    """``state + h * sum_i weights_i * stages_i``."""
 
     def part(y, *ks):
         total = y.clone()
         for weight, k in zip(weights, ks):
-            if weight:
-                total.add_(k, alpha=h * weight)
+            total.add_(k, alpha=h * weight)
         return total
 
     return each(part, state, *stages)

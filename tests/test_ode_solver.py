@@ -140,6 +140,8 @@ def test_factors_are_capped():
     assert StepSizeController().factor(float("inf")) == 0.2
     assert StepSizeController().factor(1e-9) == 10.0  # 0.9 * 1e-9^-0.24 * 1e-4^0.04 = 98
     assert StepSizeController().factor(0.0) == 10.0
+    # a small error below the cap: the formula, 0.9 * 1e-4^(-1/5) = 5.68
+    assert StepSizeController().factor(1e-4) == pytest.approx(0.9 * 1e-4**-0.2, rel=1e-14)
 
 
 def test_the_previous_error_is_floored():
@@ -223,8 +225,9 @@ def test_error_shrinks_with_the_tolerance():
 
 
 def test_the_error_estimate_of_one_step_on_a_quintic():
-    """y' = 5 t^4 from y(0) = 1: the fifth-order solution is exact and the fourth-order one is off by
-    5 h^5 (1/5 - sum b_hat c^4) = 5 h^5 * 71/405000; the norm sees it over atol + rtol max(|y0|, |y1|)."""
+    """y' = 5 t^4 from y(1) = 1, i.e. y = t^5: the fifth-order solution is exact and the fourth-order one is off by
+    5 h^5 (1/5 - sum b_hat c^4) = 5 h^5 * 71/405000 (the lower powers of t integrate exactly in both); the norm
+    sees it over atol + rtol max(|y0|, |y1|), with y1 = (1 + h)^5."""
     seen = []
 
     def norm(scaled):
@@ -232,12 +235,13 @@ def test_the_error_estimate_of_one_step_on_a_quintic():
         return scaled.abs().max()
 
     dynamics = Counted(lambda t, y: 5 * t**4 * torch.ones_like(y))
-    result = dormand_prince(dynamics, torch.ones(1, dtype=torch.float64), 0.0, 1.0, rtol=1e-3, atol=2e-3, norm=norm)
-    first_step = dynamics.times[7]  # the start, the probe, then the first step's six stages, landing at t = h
-    new_y = 1 + first_step**5
+    result = dormand_prince(dynamics, torch.ones(1, dtype=torch.float64), 1.0, 2.0, rtol=1e-3, atol=2e-3, norm=norm)
+    first_step = dynamics.times[7] - 1  # the start, the probe, then the first step's six stages, landing at 1 + h
+    new_y = (1 + first_step) ** 5
+    assert 0.01 < first_step < 1
     expected = 5 * first_step**5 * 71 / 405000 / (2e-3 + 1e-3 * new_y)
     assert seen[3].abs().item() == pytest.approx(expected, rel=1e-9)  # after initial_step's three
-    assert result.state.item() == pytest.approx(2.0, rel=1e-12)
+    assert result.state.item() == pytest.approx(32.0, rel=1e-12)
 
 
 def test_states_may_be_tuples_of_tensors():
