@@ -9,9 +9,9 @@ variables ``d log p_t(x_t) / dt = -div(drift)``, so integrating ``[x, delta_log_
 
     log p_eps(x) = prior_log_prob(x_1) + integral_eps^1 div(drift)(x_t, t) dt.
 
-The solves use an adaptive Dormand-Prince 5(4) solver (``ode_solver``) on the input's device; the solver state is float64 (tolerances of
-1e-5 on a log-density of thousands of nats need it) while the network is called in the input's dtype, as
-score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any SDE, prediction
+The solves use an adaptive Dormand-Prince 5(4) solver (``ode_solver``) on the input's device; the solver state is
+float64 (tolerances of 1e-5 on a log-density of thousands of nats need it) while the network is called in the
+input's dtype, as score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any SDE, prediction
 type and timestep convention works.
 """
 
