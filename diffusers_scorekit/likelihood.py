@@ -11,8 +11,8 @@ variables ``d log p_t(x_t) / dt = -div(drift)``, so integrating ``[x, delta_log_
 
 The solves use an adaptive Dormand-Prince 5(4) solver (``ode_solver``) on the input's device; the solver state is
 float64 (tolerances of 1e-5 on a log-density of thousands of nats need it) while the network is called in the
-input's dtype, as score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any SDE, prediction
-type and timestep convention works.
+input's dtype, as score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any
+SDE, prediction type and timestep convention works.
 """
 
 import math

@@ -99,8 +99,8 @@ class StepSizeController:
 
     Accepted: ``SAFETY * error^-(INTEGRAL_GAIN + PROPORTIONAL_GAIN) * previous^PROPORTIONAL_GAIN``, i.e. the
     classical ``SAFETY * error^(-1/5)`` times ``(previous / error)^0.04``, with ``previous`` the last accepted
-    error (at the first step, the error itself; at least ``ERROR_FLOOR``): the step grows faster while the error falls from step to step,
-    and less fast when it rises. Kept in ``[MIN_FACTOR, MAX_FACTOR]``, and at most 1 right after a rejection (the
+    error (at the first step, the error itself; at least ``ERROR_FLOOR``): the step grows faster while the error
+    falls from step to step, and less fast when it rises. Kept in ``[MIN_FACTOR, MAX_FACTOR]``, and at most 1 right after a rejection (the
     error estimate just failed for a larger step: growing again invites another rejection).
 
     Rejected: ``max(MIN_FACTOR, SAFETY * error^(-1/5))``; NaN or Inf: ``MIN_FACTOR``.
@@ -150,8 +150,8 @@ def dormand_prince(dynamics: Callable, state, t_start: float, t_end: float, *, r
 
     ``t`` is handed to ``dynamics`` as a 0-d float64 tensor on the state's device. A step is accepted when
     ``norm(error / (atol + rtol * max(|y|, |y_new|))) < 1``, part by part for a tuple state; ``norm`` gets a
-    state-shaped tuple or tensor of scaled errors (default, for a tensor state: the RMS over its entries). The last step lands on
-    ``t_end`` exactly. Raises ``RuntimeError`` after ``max_steps`` attempted steps.
+    state-shaped tuple or tensor of scaled errors (default, for a tensor state: the RMS over its entries). The last
+    step lands on ``t_end`` exactly. Raises ``RuntimeError`` after ``max_steps`` attempted steps.
     """
     a = [tuple(map(float, row)) for row in A]
     c = tuple(map(float, C))
