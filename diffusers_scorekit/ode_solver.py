@@ -100,8 +100,8 @@ class StepSizeController:
     Accepted: ``SAFETY * error^-(INTEGRAL_GAIN + PROPORTIONAL_GAIN) * previous^PROPORTIONAL_GAIN``, i.e. the
     classical ``SAFETY * error^(-1/5)`` times ``(previous / error)^0.04``, with ``previous`` the last accepted
     error (at the first step, the error itself; at least ``ERROR_FLOOR``): the step grows faster while the error
-    falls from step to step, and less fast when it rises. Kept in ``[MIN_FACTOR, MAX_FACTOR]``, and at most 1 right after a rejection (the
-    error estimate just failed for a larger step: growing again invites another rejection).
+    falls from step to step, and less fast when it rises. Kept in ``[MIN_FACTOR, MAX_FACTOR]``, and at most 1 right
+    after a rejection (the error estimate just failed for a larger step: growing again invites another rejection).
 
     Rejected: ``max(MIN_FACTOR, SAFETY * error^(-1/5))``; NaN or Inf: ``MIN_FACTOR``.
     """
