@@ -3,10 +3,11 @@
 Two paths solve the same augmented ODE ``[x, delta_log_p]`` with the same tolerances and the same Hutchinson
 (Rademacher) probe:
 
-- ``scorekit``: ``diffusers_scorekit.likelihood.log_likelihood``: torchdiffeq ``dopri5`` on the device, one
-  network forward and one vector-Jacobian product per evaluation.
+- ``scorekit``: ``diffusers_scorekit.likelihood.log_likelihood``: its Dormand-Prince 5(4) solver
+  (``ode_solver``, PI step-size control) on the device, one network forward and one vector-Jacobian product per
+  evaluation.
 - ``score_sde``: what score_sde's ``likelihood.get_likelihood_fn`` does: scipy ``solve_ivp`` (RK45, the same
-  Dormand-Prince pair) on a flattened float64 NumPy state, copying it to the device and back at every
+  Dormand-Prince stages) on a flattened float64 NumPy state, copying it to the device and back at every
   evaluation, with the drift and the divergence computed by separate network calls (two forwards per evaluation).
 
 Models: the exact score of a Gaussian mixture (the oracle, whose exact bits/dim are known) and a
@@ -75,34 +76,40 @@ def synchronize(device):
 
 def time_both(score_fn, x, rtol, atol, data, device, repeats=1, seed=0):
     """Both paths on ``x`` with one shared Rademacher probe, ``repeats`` rounds alternating between them so
-    that a change in the machine's load hits both; bits/dim are per-sample means, seconds the median round."""
+    that a change in the machine's load hits both; bits/dim are per-sample means, seconds the median round.
+    CPU seconds (this process's, all threads) are kept too: on a shared machine they move less with the load."""
     eps = default_sampling_eps(score_fn.sde)
     generator = torch.Generator(device).manual_seed(seed)
     probe = (2 * torch.randint(0, 2, x.shape, generator=generator, device=device) - 1).to(x.dtype)
     seconds = {"scorekit": [], "score_sde": []}
+    cpu_seconds = {"scorekit": [], "score_sde": []}
     for _ in range(repeats):
         synchronize(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         ours = log_likelihood(
             score_fn, x, rtol=rtol, atol=atol, sampling_eps=eps, data=data, generator=torch.Generator(device).manual_seed(seed)
         )
         synchronize(device)
         seconds["scorekit"].append(time.perf_counter() - started)
+        cpu_seconds["scorekit"].append(time.process_time() - cpu_started)
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         reference = score_sde_log_likelihood(score_fn, x, probe, rtol, atol, eps, data)
         synchronize(device)
         seconds["score_sde"].append(time.perf_counter() - started)
+        cpu_seconds["score_sde"].append(time.process_time() - cpu_started)
     return {
-        "scorekit": {"bits_per_dim": ours.bits_per_dim.mean().item(), "nfe": ours.nfe, "forwards": ours.nfe, "seconds": float(np.median(seconds["scorekit"])), "rounds_s": seconds["scorekit"]},
+        "scorekit": {"bits_per_dim": ours.bits_per_dim.mean().item(), "nfe": ours.nfe, "forwards": ours.nfe, "seconds": float(np.median(seconds["scorekit"])), "rounds_s": seconds["scorekit"], "cpu_rounds_s": cpu_seconds["scorekit"]},
         "score_sde": {
             "bits_per_dim": reference["bits_per_dim"].mean().item(),
             "nfe": reference["nfe"],
             "forwards": 2 * reference["nfe"],
             "seconds": float(np.median(seconds["score_sde"])),
             "rounds_s": seconds["score_sde"],
+            "cpu_rounds_s": cpu_seconds["score_sde"],
         },
         "round_speedups": [theirs / ours_s for ours_s, theirs in zip(seconds["scorekit"], seconds["score_sde"])],
+        "round_cpu_speedups": [theirs / ours_s for ours_s, theirs in zip(cpu_seconds["scorekit"], cpu_seconds["score_sde"])],
         "load_average": os.getloadavg(),
     }
 
@@ -155,7 +162,7 @@ def unet_case(args, device):
 
 
 def print_table(rows):
-    header = "| model | device | path | bits/dim | exact | NFE | forwards | median wall s | speed-up (per round) |"
+    header = "| model | device | path | bits/dim | exact | NFE | forwards | median wall s | speed-up (per round) | CPU-time speed-up (per round) |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
@@ -165,7 +172,9 @@ def print_table(rows):
             r = row[path]
             rounds = ", ".join(f"{value:.2f}" for value in row.get("round_speedups", []))
             speed = f"{speedup:.2f}x ({rounds})" if path == "scorekit" else ""
-            print(f"| {row['model']} | {row['device']} | {path} | {r['bits_per_dim']:.4f} | {exact} | {r['nfe']} | {r['forwards']} | {r['seconds']:.2f} | {speed} |")
+            cpu_rounds = row.get("round_cpu_speedups", [])
+            cpu = f"{np.median(cpu_rounds):.2f}x ({', '.join(f'{value:.2f}' for value in cpu_rounds)})" if path == "scorekit" and cpu_rounds else ""
+            print(f"| {row['model']} | {row['device']} | {path} | {r['bits_per_dim']:.4f} | {exact} | {r['nfe']} | {r['forwards']} | {r['seconds']:.2f} | {speed} | {cpu} |")
 
 
 def parse_args(argv=None):

@@ -9,10 +9,10 @@ variables ``d log p_t(x_t) / dt = -div(drift)``, so integrating ``[x, delta_log_
 
     log p_eps(x) = prior_log_prob(x_1) + integral_eps^1 div(drift)(x_t, t) dt.
 
-The solves use torchdiffeq's adaptive solvers on the input's device; the solver state is float64 (tolerances of
-1e-5 on a log-density of thousands of nats need it) while the network is called in the input's dtype, as
-score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any SDE, prediction
-type and timestep convention works.
+The solves use an adaptive Dormand-Prince 5(4) solver (``ode_solver``) on the input's device; the solver state is
+float64 (tolerances of 1e-5 on a log-density of thousands of nats need it) while the network is called in the
+input's dtype, as score_sde does with its float64 NumPy state. Everything goes through ``ScoreFunction``, so any
+SDE, prediction type and timestep convention works.
 """
 
 import math
@@ -21,15 +21,15 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .ode_solver import dormand_prince, rms
 from .score_function import ScoreFunction
 from .sde import SDE, broadcast_like, default_sampling_eps
 
 DIVERGENCES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
 DATA_TYPES = ("continuous", "8bit")
-# torchdiffeq's adaptive Runge-Kutta methods (the ones that take ``step_t``) and their orders
-_METHOD_ORDERS = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
-METHODS = tuple(_METHOD_ORDERS)
+# adaptive solvers: Dormand-Prince 5(4), ``ode_solver.dormand_prince``
+METHODS = ("dopri5",)
 
 # 8-bit data: log2 of the bin count (256) minus log2 of dy/dx (2) for y = 2x - 1; see ``log_likelihood``
 EIGHT_BIT_BPD_OFFSET = 8.0 - 1.0
@@ -107,90 +107,28 @@ def probability_flow_drift(score_fn: ScoreFunction, x: torch.Tensor, t) -> torch
     return score_fn.sde.drift(x, t) - 0.5 * diffusion_squared * score_fn.score(x, t)
 
 
-class _CountedCalls:
-    """An ODE right-hand side that counts its evaluations; ``remember`` hands one known value back at its time
-    instead of evaluating again (the solver's first call repeats the one ``_initial_step`` made)."""
-
-    def __init__(self, dynamics: Callable):
-        self.dynamics = dynamics
-        self.calls = 0
-        self.remembered = None
-
-    def remember(self, t: torch.Tensor, value) -> None:
-        self.remembered = (t, value)
-
-    def __call__(self, t, state):
-        if self.remembered is not None:
-            (known_t, value), self.remembered = self.remembered, None
-            if torch.equal(t, known_t):
-                return value
-        self.calls += 1
-        return self.dynamics(t, state)
-
-
-def _rms(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.pow(2).mean().sqrt()
-
-
 def per_dimension_norm(num_dims: int) -> Callable:
     """The adaptive solver's error norm on ``[x, delta_log_p]``: the larger of the RMS over the entries of
     ``x`` and the RMS over samples of ``delta_log_p / num_dims``.
 
     Bits/dim divide the log-density by the number of dimensions, so an error of ``num_dims * tol`` nats in
-    ``delta_log_p`` costs bits/dim what an error of ``tol`` in one entry of ``x`` costs; torchdiffeq's default
-    (the RMS of each component) would hold ``delta_log_p`` to ``tol`` nats, ``num_dims`` times tighter than
+    ``delta_log_p`` costs bits/dim what an error of ``tol`` in one entry of ``x`` costs; the largest RMS of each
+    component (torchdiffeq's default) would hold ``delta_log_p`` to ``tol`` nats, ``num_dims`` times tighter than
     bits/dim need, and take more steps for it.
     """
 
     def norm(state):
         x, delta_log_p = state
-        return torch.maximum(_rms(x), _rms(delta_log_p) / num_dims)
+        return torch.maximum(rms(x), rms(delta_log_p) / num_dims)
 
     return norm
 
 
-def _each(function: Callable, *states):
-    """``function`` applied part by part to states that are tensors or tuples of tensors."""
-    if isinstance(states[0], tuple):
-        return tuple(function(*parts) for parts in zip(*states))
-    return function(*states)
-
-
-def _initial_step(dynamics: Callable, state, derivative, times: torch.Tensor, rtol, atol, norm, order: int) -> float:
-    """Hairer, Norsett and Wanner's starting step size (Solving ODEs I, II.4), kept inside ``times``' span.
-
-    torchdiffeq's own choice probes the right-hand side at ``t_start + h0`` with ``h0`` unbounded: where the drift
-    is small at the start (VE at ``t = eps``) that lies far outside [0, 1], where sigma overflows, and the solve
-    dies with "underflow in dt". One probe evaluation, as torchdiffeq's.
-    """
-    span = (times[1] - times[0]).abs().item()
-    direction = 1.0 if times[1] > times[0] else -1.0
-    scale = _each(lambda y: atol + rtol * y.abs(), state)
-    d0 = norm(_each(torch.div, state, scale)).item()
-    d1 = norm(_each(torch.div, derivative, scale)).item()
-    h0 = min(1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1, span)
-    probe = dynamics(times[0] + direction * h0, _each(lambda y, f: y + direction * h0 * f, state, derivative))
-    d2 = norm(_each(lambda f1, f0, s: (f1 - f0) / s, probe, derivative, scale)).item() / h0
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / order)
-    return min(100 * h0, h1, span)
-
-
-def _solve(dynamics: Callable, state, t_start: float, t_end: float, rtol, atol, method, device, norm=_rms):
+def _solve(dynamics: Callable, state, t_start: float, t_end: float, rtol, atol, norm=rms):
     """The state at ``t_end`` and the number of right-hand-side calls."""
-    from torchdiffeq import odeint
-
-    counted = _CountedCalls(dynamics)
-    times = torch.tensor([t_start, t_end], dtype=torch.float64, device=device)
     with torch.no_grad():
-        derivative = counted(times[0], state)
-        first_step = _initial_step(counted, state, derivative, times, rtol, atol, norm, _METHOD_ORDERS[method])
-        counted.remember(times[0], derivative)
-        # without ``step_t`` the solver steps past ``t_end`` and interpolates back, evaluating the model outside
-        # [0, 1] (where a continuous VP's sigma(t < 0) is NaN); with it, the last step lands on ``t_end``
-        options = {"step_t": times[1:], "first_step": first_step, "norm": norm}
-        trajectory = odeint(counted, state, times, rtol=rtol, atol=atol, method=method, options=options)
-    end_state = tuple(part[-1] for part in trajectory) if isinstance(trajectory, tuple) else trajectory[-1]
-    return end_state, counted.calls
+        end_state, nfe, _, _ = dormand_prince(dynamics, state, t_start, t_end, rtol=rtol, atol=atol, norm=norm)
+    return end_state, nfe
 
 
 def _flow(score_fn: ScoreFunction, x: torch.Tensor, name: str, towards_prior: bool, rtol, atol, method,
@@ -205,7 +143,7 @@ def _flow(score_fn: ScoreFunction, x: torch.Tensor, name: str, towards_prior: bo
     def dynamics(t, state):
         return probability_flow_drift(score_fn, state.to(model_dtype), t).to(state.dtype)
 
-    end, nfe = _solve(dynamics, x.to(torch.float64), t_start, t_end, rtol, atol, method, x.device)
+    end, nfe = _solve(dynamics, x.to(torch.float64), t_start, t_end, rtol, atol)
     return FlowOutput(end.to(model_dtype), nfe)
 
 
@@ -355,7 +293,8 @@ def log_likelihood(
         rtol, atol: tolerances of the adaptive solver (on the float64 state ``[x, delta_log_p / D]`` with ``D``
             the dimensions per sample: the log-density's error is held to what bits/dim need, see
             ``per_dimension_norm``).
-        method: a torchdiffeq adaptive method, one of ``METHODS``.
+        method: the adaptive solver, one of ``METHODS``: ``"dopri5"``, Dormand-Prince 5(4) with scipy's step-size
+            rules (``ode_solver.dormand_prince``).
         divergence: ``"hutchinson"`` (stochastic trace estimate, one vector-Jacobian product per probe and
             evaluation; unbiased) or ``"exact"`` (full Jacobian trace, one backward pass per dimension).
         num_probes: Hutchinson probes averaged at every evaluation (drawn once, fixed for the solve).
@@ -395,7 +334,7 @@ def log_likelihood(
     dynamics = _augmented_dynamics(score_fn, divergence_fn, x.dtype)
     start = (x.to(torch.float64), torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
     norm = per_dimension_norm(x[0].numel())
-    (latent, delta_log_p), nfe = _solve(dynamics, start, eps, 1.0, rtol, atol, method, x.device, norm)
+    (latent, delta_log_p), nfe = _solve(dynamics, start, eps, 1.0, rtol, atol, norm)
 
     prior_log_prob = score_fn.sde.prior_log_prob(latent)
     total = prior_log_prob + delta_log_p

@@ -11,18 +11,21 @@ import re
 
 import pytest
 import torch
-import torchdiffeq
+
+import diffusers_scorekit.likelihood as likelihood_module
 
 from diffusers_scorekit.likelihood import (
     bits_per_dim,
     decode,
     dequantize_and_scale,
+    METHODS,
     eight_bit_levels,
     encode,
     log_likelihood,
     ode_sample,
 )
 from diffusers_scorekit.mixture import GaussianMixture, marginal_at_timestep
+from diffusers_scorekit.ode_solver import initial_step, rms
 from diffusers_scorekit.score_function import ScoreFunction
 from diffusers_scorekit.sde import VESDE, VPSDE, default_sampling_eps
 
@@ -91,16 +94,17 @@ def test_the_model_is_never_called_outside_the_flows_time_range():
     assert torch.tensor(eps, dtype=torch.float32).item() <= min(score_fn.model.times) and max(score_fn.model.times) <= 1.0
 
 
-@pytest.mark.parametrize("method, new_evaluations_per_step", [("dopri5", 6), ("bosh3", 3)])
-def test_the_first_steps_evaluations_are_shared_with_the_solver(method, new_evaluations_per_step):
+def test_the_first_steps_evaluations_are_shared_with_the_solver(monkeypatch):
     """Two evaluations start a solve (the derivative at the start and the probe that sizes the first step); every
-    step after that, accepted or rejected, costs its stages less the one it shares with the last (FSAL)."""
+    step after that, accepted or rejected, costs six: its stages less the one it shares with the last (FSAL)."""
+    spy = SolverSpy(monkeypatch)
     score_fn, x = linear_score_function(), x_batch()
-    for run in (lambda: encode(score_fn, x, method=method), lambda: log_likelihood(score_fn, x, method=method)):
+    for run in (lambda: encode(score_fn, x), lambda: log_likelihood(score_fn, x)):
         calls_before = len(score_fn.model.times) // len(x)
         nfe = run().nfe
-        assert nfe == len(score_fn.model.times) // len(x) - calls_before
-        assert nfe % new_evaluations_per_step == 2 and nfe > 2 * new_evaluations_per_step
+        result = spy.results[-1]
+        assert nfe == result.nfe == len(score_fn.model.times) // len(x) - calls_before
+        assert nfe == 2 + 6 * (result.accepted + result.rejected) and result.accepted > 1
 
 
 def test_a_batch_of_one_is_a_batch():
@@ -118,15 +122,16 @@ def test_exact_divergence_is_the_trace():
 
 
 class SolverSpy:
-    """Wraps ``torchdiffeq.odeint``: records the keywords, the state's dtypes and the right-hand side's."""
+    """Wraps the likelihood module's ``dormand_prince``: records the keywords, the times, the state's dtypes, the
+    right-hand side's and what the solve returned."""
 
     def __init__(self, monkeypatch):
-        self.calls, self.returned_dtypes = [], []
-        original = torchdiffeq.odeint
+        self.calls, self.returned_dtypes, self.results = [], [], []
+        original = likelihood_module.dormand_prince
 
-        def spy(func, state, times, **kwargs):
+        def spy(func, state, t_start, t_end, **kwargs):
             dtypes = tuple(part.dtype for part in state) if isinstance(state, tuple) else (state.dtype,)
-            self.calls.append(dict(kwargs, times=times.tolist(), state_dtypes=dtypes))
+            self.calls.append(dict(kwargs, times=[t_start, t_end], state_dtypes=dtypes))
 
             def recorded(t, y):
                 result = func(t, y)
@@ -134,9 +139,10 @@ class SolverSpy:
                 self.returned_dtypes.append(tuple(part.dtype for part in parts))
                 return result
 
-            return original(recorded, state, times, **kwargs)
+            self.results.append(original(recorded, state, t_start, t_end, **kwargs))
+            return self.results[-1]
 
-        monkeypatch.setattr(torchdiffeq, "odeint", spy)
+        monkeypatch.setattr(likelihood_module, "dormand_prince", spy)
 
 
 def test_the_solver_integrates_in_float64_and_the_model_sees_its_own_dtype(monkeypatch):
@@ -151,20 +157,28 @@ def test_the_solver_integrates_in_float64_and_the_model_sees_its_own_dtype(monke
     assert latent.dtype == out.latent.dtype == torch.float32 and out.log_likelihood.dtype == torch.float64
 
 
-def test_tolerances_method_and_times_reach_the_solver(monkeypatch):
+def test_tolerances_and_times_reach_the_solver(monkeypatch):
     spy = SolverSpy(monkeypatch)
     score_fn, x = linear_score_function(), x_batch()
-    solver = dict(rtol=2e-4, atol=3e-4, method="bosh3")
+    solver = dict(rtol=2e-4, atol=3e-4, method="dopri5")
     encode(score_fn, x, sampling_eps=0.25, **solver)
     decode(score_fn, x, sampling_eps=0.25, **solver)
     ode_sample(score_fn, x, sampling_eps=0.25, **solver)
     log_likelihood(score_fn, x, sampling_eps=0.25, **solver)
-    assert [(call["rtol"], call["atol"], call["method"], call["times"]) for call in spy.calls] == [
-        (2e-4, 3e-4, "bosh3", [0.25, 1.0]),
-        (2e-4, 3e-4, "bosh3", [1.0, 0.25]),
-        (2e-4, 3e-4, "bosh3", [1.0, 0.25]),
-        (2e-4, 3e-4, "bosh3", [0.25, 1.0]),
+    assert [(call["rtol"], call["atol"], call["times"]) for call in spy.calls] == [
+        (2e-4, 3e-4, [0.25, 1.0]), (2e-4, 3e-4, [1.0, 0.25]), (2e-4, 3e-4, [1.0, 0.25]), (2e-4, 3e-4, [0.25, 1.0]),
     ]
+    # the flows of x alone use the solver's default norm, the likelihood its own (see below)
+    assert [call["norm"] is rms for call in spy.calls] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("method", ["bosh3", "rk45", "DOPRI5"])
+def test_methods_other_than_dopri5_are_refused(method):
+    assert METHODS == ("dopri5",)
+    message = f"method={method!r} is not supported; choose one of ('dopri5',)."
+    for call in (encode, decode, ode_sample, log_likelihood):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call(linear_score_function(), x_batch(), method=method)
 
 
 def test_defaults_are_the_documented_ones(monkeypatch):
@@ -175,9 +189,8 @@ def test_defaults_are_the_documented_ones(monkeypatch):
     decode(score_fn, x)
     ode_sample(score_fn, x)
     log_likelihood(score_fn, x)
-    assert [(call["rtol"], call["atol"], call["method"], call["times"]) for call in spy.calls] == [
-        (1e-5, 1e-5, "dopri5", [eps, 1.0]), (1e-5, 1e-5, "dopri5", [1.0, eps]),
-        (1e-5, 1e-5, "dopri5", [1.0, eps]), (1e-5, 1e-5, "dopri5", [eps, 1.0]),
+    assert [(call["rtol"], call["atol"], call["times"]) for call in spy.calls] == [
+        (1e-5, 1e-5, [eps, 1.0]), (1e-5, 1e-5, [1.0, eps]), (1e-5, 1e-5, [1.0, eps]), (1e-5, 1e-5, [eps, 1.0]),
     ]
     # one Rademacher probe, drawn from the generator
     default = log_likelihood(score_fn, x, generator=torch.Generator().manual_seed(5))
@@ -317,12 +330,9 @@ class Recorded:
 
 
 def first_step(rate, times, order=5, rtol=1e-3, atol=1e-3):
-    from diffusers_scorekit.likelihood import _initial_step, _rms
-
     dynamics = Recorded(rate)
     state = torch.ones(2, dtype=torch.float64)
-    times = torch.tensor(times, dtype=torch.float64)
-    step = _initial_step(dynamics, state, rate * state, times, rtol, atol, _rms, order)
+    step = initial_step(dynamics, state, rate * state, *times, rtol, atol, rms, order)
     return step, dynamics.points
 
 
@@ -359,8 +369,6 @@ def test_first_step_when_nothing_moves():
 
 
 def test_first_step_of_a_pair_of_states_uses_the_pairs_norm():
-    from diffusers_scorekit.likelihood import _initial_step
-
     state = (torch.ones(2, dtype=torch.float64), torch.full((1,), 4.0, dtype=torch.float64))
 
     def dynamics(t, pair):
@@ -369,35 +377,26 @@ def test_first_step_of_a_pair_of_states_uses_the_pairs_norm():
     def norm(pair):  # the x part only, as if the second were negligible
         return pair[0].pow(2).mean().sqrt()
 
-    step = _initial_step(dynamics, state, dynamics(0.0, state), torch.tensor([0.0, 1.0], dtype=torch.float64),
-                         1e-3, 1e-3, norm, 5)
+    step = initial_step(dynamics, state, dynamics(0.0, state), 0.0, 1.0, 1e-3, 1e-3, norm, 5)
     assert step == pytest.approx((0.01 / 2000) ** (1 / 5), rel=1e-12)
 
 
-def test_solver_options_and_the_likelihoods_error_norm(monkeypatch):
-    captured = []
-    original = torchdiffeq.odeint
-
-    def capture(func, state, times, **kwargs):
-        captured.append(kwargs["options"])
-        return original(func, state, times, **kwargs)
-
-    monkeypatch.setattr(torchdiffeq, "odeint", capture)
+def test_the_likelihoods_error_norm(monkeypatch):
+    spy = SolverSpy(monkeypatch)
     log_likelihood(linear_score_function(), x_batch(), generator=torch.Generator().manual_seed(0))
-    [options] = captured
-    assert set(options) == {"step_t", "first_step", "norm"} and 0 < options["first_step"] <= 1
+    [call] = spy.calls
+    assert set(call) == {"rtol", "atol", "norm", "times", "state_dtypes"}
     error = (torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64),
              torch.tensor([12.0, -12.0, 0.0], dtype=torch.float64))
     # max(RMS of x's entries, RMS of delta_log_p / D): sqrt(25 / 6) against sqrt(96) / 2
-    assert options["norm"](error).item() == pytest.approx(96**0.5 / 2, rel=1e-12)
+    assert call["norm"](error).item() == pytest.approx(96**0.5 / 2, rel=1e-12)
+    small_log_p_error = (error[0], error[1] / 10)  # sqrt(0.96) / 2 < sqrt(25 / 6)
+    assert call["norm"](small_log_p_error).item() == pytest.approx((25 / 6) ** 0.5, rel=1e-12)
 
 
 def test_first_step_scales_the_tolerance_by_the_state():
-    from diffusers_scorekit.likelihood import _initial_step, _rms
-
     # y = 3: scale = 1e-3 + 1e-3 * 3 = 4e-3, so d0 = 750, d1 = 1500 and h0 = 0.005; f changes by 0.06 over it:
     # d2 = (0.06 / 4e-3) / 0.005 = 3000 and h1 = (0.01 / 3000)^(1/5)
     state = torch.full((2,), 3.0, dtype=torch.float64)
-    step = _initial_step(Recorded(-2.0), state, -2.0 * state, torch.tensor([0.0, 1.0], dtype=torch.float64),
-                         1e-3, 1e-3, _rms, 5)
+    step = initial_step(Recorded(-2.0), state, -2.0 * state, 0.0, 1.0, 1e-3, 1e-3, rms, 5)
     assert step == pytest.approx((0.01 / 3000) ** (1 / 5), rel=1e-12)
