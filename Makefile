@@ -60,7 +60,7 @@ MUTATION_SCOPES ?= \
 	'$(SK).schedulers.scheduling_utils.x_validate_config*,$(SK).schedulers.scheduling_utils.x__check_types*,$(SK).schedulers.scheduling_utils.x__is_*=test_scheduler_config.py' \
 	'$(SK).schedulers.scheduling_utils.x__source_class*,$(SK).schedulers.scheduling_utils.x__translate*,$(SK).schedulers.scheduling_utils.x_translate_config*,$(SK).schedulers.scheduling_utils.x__diffusers_init_keys*=test_scheduler_conventions.py,test_schedulers.py' \
 	'$(SK).schedulers.scheduling_utils.x[!_]*,$(SK).schedulers.scheduling_utils.x_level_times*,$(SK).schedulers.scheduling_[!u]*=$(SCHEDULER_TESTS)' \
-	'$(SK).likelihood.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py' \
+	'$(SK).likelihood.*,$(SK).ode_solver.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py,test_ode_solver.py' \
 	'$(SK).training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
 	'$(SK).training.step.x_prepare_training*,$(SK).training.step.x_train_step*=test_exact_gaps.py,test_training_checkpoints.py'
 
