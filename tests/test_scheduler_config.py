@@ -298,6 +298,40 @@ def test_level_times_are_uniform_in_t_in_log_snr_or_in_sigma_to_the_one_over_rho
     assert (edm[0], edm[-1], log_snr.size) == (t_start, t_end, n)
 
 
+def test_a_scheduler_grid_is_level_times_with_its_config():
+    for spacing, rho in (("edm", 3.0), ("log_snr", 7.0), ("uniform", 7.0)):
+        scheduler = ProbabilityFlowODEScheduler(time_spacing=spacing, edm_rho=rho, sampling_eps=2e-3)
+        scheduler.set_timesteps(5)
+        expected = level_times(scheduler.sde, 5, 1.0, 2e-3, spacing, rho)
+        assert [scheduler.level_of(i).t for i in range(4)] == expected[:4].tolist()  # the fifth call denoises
+
+
+def test_the_sde_is_built_from_every_schedule_field():
+    scheduler = PredictorCorrectorScheduler(sde_type="vp", beta_min=0.3, beta_max=5.0)
+    torch.testing.assert_close(scheduler.sde.marginal(0.4), VPSDE(0.3, 5.0).marginal(0.4), rtol=0, atol=0)
+    betas = [0.01, 0.05, 0.1, 0.2]
+    ddpm = diffusers.DDPMScheduler(num_train_timesteps=4, trained_betas=betas)
+    ours = ProbabilityFlowODEScheduler.from_config(ddpm.config)
+    assert ours.config.trained_betas == betas
+    x_0, noise, timesteps = torch.ones(4, 2), torch.full((4, 2), 0.5), torch.arange(4)
+    torch.testing.assert_close(ours.add_noise(x_0, noise, timesteps), ddpm.add_noise(x_0, noise, timesteps))
+
+
+def test_before_set_timesteps_there_is_no_grid():
+    scheduler = ProbabilityFlowODEScheduler()
+    assert (scheduler.timesteps, scheduler.num_inference_steps, scheduler.begin_index) == (None, None, None)
+    assert scheduler.step_index == 0
+    scheduler.raise_if_nonfinite()  # nothing stepped: nothing to report
+
+
+def test_one_level_without_denoising_cannot_step():
+    for kwargs in ({"num_inference_steps": 1}, {"timesteps": [500]}):
+        field = next(iter(kwargs))
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"{field}=1 is invalid: with denoise_final=False this scheduler needs 2 levels to take a step.")):
+            ProbabilityFlowODEScheduler(denoise_final=False).set_timesteps(**kwargs)
+
+
 @pytest.mark.parametrize("spacing", TIME_SPACINGS)
 def test_a_one_level_grid_is_its_start(spacing):
     np.testing.assert_array_equal(level_times(VPSDE(0.1, 20.0), 1, 1.0, 1e-3, spacing, 7.0), [1.0])
@@ -321,6 +355,7 @@ def test_custom_grids_from_arrays_and_tensors_are_the_list_grid():
 def test_custom_grid_range_is_checked_at_both_ends_within_a_relative_tolerance():
     scheduler = VEEulerMaruyamaScheduler(sigma_min=0.01, sigma_max=50.0, timestep_type="sigma")
     scheduler.set_timesteps(timesteps=[50.0 * (1 + 5e-7), 1.0, 0.01 - 2e-5])  # within 1e-6 of the range's size
+    assert (scheduler.level_of(0).t, scheduler.level_of(2).t) == (1.0, 0.0)  # and clamped to it
     message = "timesteps=[{}, 1.0, {}] is invalid: its values must lie in [0.01, 50] (t from 0 to 1)."
     for high, low in ((50.0 * (1 + 2e-6), 0.01), (50.0, 0.01 - 1e-4)):
         with pytest.raises(ValueError, match=f"^{re.escape(message.format(high, low))}$"):
@@ -333,9 +368,9 @@ def test_custom_grid_range_is_checked_at_both_ends_within_a_relative_tolerance()
 def test_custom_sigmas_must_end_above_zero_where_sigma_can_be_zero():
     scheduler = ProbabilityFlowODEScheduler()  # continuous VP: sigma / a runs down to 0 at t = 0
     with pytest.raises(ValueError, match="^" + re.escape(
-            "sigmas=[1.0, 0.0] is invalid: its values must lie in [0, 152.167] (t from 0 to 1) and be positive: "
+            "sigmas=[2.0, 1.0, 0.0] is invalid: its values must lie in [0, 152.167] (t from 0 to 1) and be positive: "
             "the final step to sigma = 0 is denoise_final's.") + "$"):
-        scheduler.set_timesteps(sigmas=[1.0, 0.0])
+        scheduler.set_timesteps(sigmas=[2.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="^" + re.escape(
             "timesteps=[999.0, 0.0] is invalid: its last level has sigma = 0, where the score is undefined.") + "$"):
         scheduler.set_timesteps(timesteps=[999.0, 0.0])
@@ -349,3 +384,16 @@ def test_a_score_sde_ve_config_translates_field_by_field():
         "sde_type": "ve", "prediction_type": "score", "timestep_type": "sigma", "predictor": "reverse_diffusion",
         "corrector": "langevin", "sigma_min": 0.02, "sigma_max": 80.0, "sampling_eps": 1e-4, "snr": 0.2,
         "num_corrector_steps": 3, "num_train_timesteps": 500}
+
+
+def test_a_timestep_of_zero_matches_values_within_an_absolute_tolerance():
+    scheduler = ProbabilityFlowODEScheduler.from_config(diffusers.DDPMScheduler(num_train_timesteps=500).config,
+                                                        solver="euler")
+    scheduler.set_timesteps(timesteps=[499, 0])
+    x = torch.ones(2, 2)
+    scheduler.step(x, 499.0, x)
+    scheduler.step(x, 5e-7, x)  # the entry 0.0, as a value computed elsewhere may arrive
+    scheduler.set_timesteps(timesteps=[499, 0])
+    scheduler.step(x, 499.0, x)
+    with pytest.raises(ValueError, match=r"^step was called with timestep=2e-06 but the next entry is 1 "):
+        scheduler.step(x, 2e-6, x)

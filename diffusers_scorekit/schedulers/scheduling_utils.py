@@ -558,9 +558,8 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             [self._levels[stage.level].timestep for stage in stages], dtype=torch.float32, device=device
         )
         self.num_inference_steps = num_levels
-        self._step_index = None
+        self._step_index = None  # the next step begins a loop (and clears the kept tensors)
         self._begin_index = None
-        self._kept = {}
         # one float64 sum of each model output, read only by raise_if_nonfinite: an accelerator never waits
         self._output_sums = None
 
