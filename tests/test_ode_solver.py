@@ -266,3 +266,32 @@ def test_a_model_that_returns_nan_ends_in_the_step_limit():
         dormand_prince(lambda t, y: torch.full_like(y, float("nan")) if t > 0.5 else -y,
                        torch.ones(1, dtype=torch.float64), 0.0, 1.0, rtol=1e-6, atol=1e-6, max_steps=20)
 
+
+
+def test_steps_are_accepted_exactly_when_their_error_is_below_one(monkeypatch):
+    """Every error the controller sees is one attempt: below 1 accepted, 1 or more rejected (the stiff decay has
+    rejected attempts with errors between 1 and 2)."""
+    errors = []
+    factor = StepSizeController.factor
+    monkeypatch.setattr(StepSizeController, "factor", lambda self, error: errors.append(error) or factor(self, error))
+    result = dormand_prince(lambda t, y: -200.0 * y, torch.ones(2, dtype=torch.float64), 0.0, 1.0, rtol=1e-3,
+                            atol=1e-3)
+    assert any(1 <= error < 2 for error in errors)
+    assert (result.accepted, result.rejected) == (sum(e < 1 for e in errors), sum(e >= 1 for e in errors))
+
+
+def test_rejections_count_towards_max_steps():
+    attempts = []
+    with pytest.raises(RuntimeError, match="max_steps=4 steps"):
+        dormand_prince(lambda t, y: attempts.append(t) or torch.full_like(y, float("nan")),
+                       torch.ones(1, dtype=torch.float64), 0.0, 1.0, rtol=1e-6, atol=1e-6, max_steps=4)
+    assert len(attempts) == 2 + 6 * 4  # the start, the first-step probe and four rejected attempts
+
+
+def test_the_last_step_lands_on_t_end_where_t_plus_the_remaining_span_would_not():
+    # from 1 down to 1e-17: t - (t - 1e-17) rounds to 0 for any t of order 1e-2, so only an end taken as t_end
+    # evaluates at t_end, and nothing is evaluated outside [t_end, t_start]
+    times = []
+    dormand_prince(lambda t, y: times.append(t.item()) or -y, torch.ones(3, dtype=torch.float64), 1.0, 1e-17,
+                   rtol=1e-6, atol=1e-6)
+    assert times[-1] == 1e-17 and all(1e-17 <= t <= 1.0 for t in times)
