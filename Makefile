@@ -62,7 +62,7 @@ MUTATION_SCOPES ?= \
 	'$(SK).schedulers.scheduling_utils.x[!_]*,$(SK).schedulers.scheduling_utils.x_level_times*,$(SK).schedulers.scheduling_[!u]*=$(SCHEDULER_TESTS)' \
 	'$(SK).likelihood.*,$(SK).ode_solver.*=test_likelihood.py,test_pipeline_likelihood.py,test_likelihood_exact.py,test_ode_solver.py' \
 	'$(SK).training.checkpoints.*=test_training_checkpoints.py,test_training.py,test_exact_gaps.py' \
-	'$(SK).training.step.x_prepare_training*,$(SK).training.step.x_train_step*=test_exact_gaps.py,test_training_checkpoints.py'
+	'$(SK).training.step.x_build_ema*=test_exact_gaps.py,test_training_checkpoints.py'
 
 mutation: $(VENV)/.installed
 	set -f; for entry in $(MUTATION_SCOPES); do \

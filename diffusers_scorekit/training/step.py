@@ -56,6 +56,17 @@ def build_optimizer(args, parameters, device: torch.device) -> Tuple[torch.optim
     return optimizer, name
 
 
+def build_ema(args, model: torch.nn.Module, device: torch.device):
+    """diffusers' ``EMAModel`` of ``model``'s parameters with the run's decay, on ``device`` (foreach updates with
+    ``--fused_optimizer``). It is saved and restored through its ``state_dict`` (checkpoints) and copied into the
+    model for previews and the saved pipeline, so it needs no model class or config of its own."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=args.fused_optimizer)
+    ema.to(device)
+    return ema
+
+
 @dataclass
 class TrainingState:
     """What one optimizer update works on (see ``prepare_training``)."""
@@ -77,7 +88,6 @@ def prepare_training(args, accelerator, model, sde) -> TrainingState:
     pipeline see the uncompiled module, so its state-dict keys never get compile's ``_orig_mod.`` prefix, and
     sampling the pipeline does not recompile."""
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -91,11 +101,8 @@ def prepare_training(args, accelerator, model, sde) -> TrainingState:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay, foreach=args.fused_optimizer,
-                       model_cls=type(unwrapped), model_config=unwrapped.config)
-        ema.to(accelerator.device)
+    ema = build_ema(args, unwrapped, accelerator.device) if args.use_ema else None
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
     forward = torch.compile(model) if args.torch_compile else model
     score_fn = ScoreFunction(forward, sde, args.prediction_type, args.timestep_type, args.num_train_timesteps)
