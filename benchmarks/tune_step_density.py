@@ -1,0 +1,224 @@
+"""A step density in log-SNR tuned on held-out mixtures: the oracle's targets met, a real network hurt (issue #14).
+
+Tried for issue #14's point 1 and **not shipped**; this script reproduces the finding. A grid of ``n`` levels is put
+at equal quantiles of a density over log-SNR ``lambda = log(a / sigma)``: ``exp`` of a piecewise-linear function
+through ``(KNOTS, log_density)`` (constant beyond the outer knots), so one density gives the grid of every ``n``.
+For DPM-Solver++ 2M with the final denoising call on the DDPM linear schedule, the script minimises the mean over
+NFE 5, 6, 8, 10, 12, 15 and 20 of ``log(E_nfe / E_nfe(flat))``, where ``E_nfe`` is the L4 mean, over HELD-OUT
+Gaussian mixtures, of ``|V_few - V_ref|``: the pooled within-mode variance ratio of the few-step samples minus that
+of the 400-level solution from the same noise (so the metric's sampling noise cancels). The mixtures: six 2-D (5-10
+modes at radius 0.7-1.3, mode std 0.05-0.15), six 16-D / 64-D with modes at distance 1-2 (std 0.1-0.35) and, unless
+``--no_image_scale``, three at an image's scale (modes 2.5-6 apart, as 8x8 digits in [-1, 1] are about 5). None is
+a benchmark mixture. Nelder-Mead (adaptive) from the flat density, which is uniform log-SNR, our default spacing.
+
+Every sample comes from the library's scheduler (``set_timesteps(sigmas=...)``) with the mixture's exact score. The
+tuned density is then scored with ``bench_oracle_samplers.run`` (its seeds, sample sizes and metric) on the ring and
+the 64-D mixture, next to the default spacing and the best diffusers peer recorded in
+``benchmarks/results/oracle_samplers_low_nfe.json``. With ``--real_model_dir`` (the digits model that
+``bench_real_data.py`` trains) it also measures what the grid does to a real network: the RMS distance of 300
+samples at NFE 5, 10 and 20 to the 200-level solution of that network's ODE from the same noise.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/tune_step_density.py [--max_evaluations 700] \\
+        [--real_model_dir outputs/digits-vp] [--log_density v0 ... v10 (score a density, no tuning)]
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from bench_oracle_samplers import DDPM_CONFIG, LOW_NFE_TARGETS, NUM_DIRECTIONS, Sampler, format_value, run, scorekit_on_ddpm
+from diffusers_scorekit import ProbabilityFlowODEScheduler, ScoreSDEPipeline
+from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
+
+REFERENCE_LEVELS = 400
+KNOTS = (-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+QUADRATURE_POINTS = 10001
+# (dimension, modes, mode std, distance of the modes from the origin) of the held-out mixtures; 2-D modes lie at
+# radius 0.7-1.3. The last three have an image's scale: 8x8 digits in [-1, 1] lie about 5 apart.
+HELD_OUT = ((2, 5, 0.05, None), (2, 8, 0.08, None), (2, 6, 0.12, None), (2, 10, 0.07, None), (2, 7, 0.15, None),
+            (2, 9, 0.1, None), (16, 4, 0.15, 1.0), (16, 5, 0.25, 1.0), (64, 3, 0.1, 1.0), (64, 5, 0.15, 1.0),
+            (64, 4, 0.3, 1.0), (64, 6, 0.35, 1.0), (16, 5, 0.15, 2.5), (64, 6, 0.2, 3.0), (64, 10, 0.3, 2.0))
+
+
+def density_levels(num_levels, log_snr_start, log_snr_end, log_density):
+    """``num_levels`` log-SNR values from start to end (both included) at equal quantiles of the density."""
+    points = np.linspace(log_snr_start, log_snr_end, QUADRATURE_POINTS)
+    density = np.exp(np.interp(points, KNOTS, log_density))
+    cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    levels = np.interp(np.linspace(0.0, cumulative[-1], num_levels), cumulative, points)
+    levels[0], levels[-1] = log_snr_start, log_snr_end
+    return levels
+
+
+def held_out_mixtures(image_scale=True, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    mixtures = []
+    for dim, num_modes, std, distance in HELD_OUT if image_scale else HELD_OUT[:12]:
+        if dim == 2:  # modes at random angles and radii
+            angles = torch.rand(num_modes, generator=generator, dtype=torch.float64) * 2 * math.pi
+            radii = 0.7 + 0.6 * torch.rand(num_modes, 1, generator=generator, dtype=torch.float64)
+            means = radii * torch.stack([angles.cos(), angles.sin()], dim=1)
+        else:  # random directions at one random distance in [distance, 2 distance)
+            means = torch.randn(num_modes, dim, generator=generator, dtype=torch.float64)
+            means = distance * (1 + torch.rand(1, generator=generator, dtype=torch.float64)) * means / means.norm(dim=1, keepdim=True)
+        weights = 1 + 3 * torch.rand(num_modes, generator=generator, dtype=torch.float64)
+        mixtures.append(GaussianMixture(weights, means, [std] * num_modes))
+    return mixtures
+
+
+def variance_ratio(mixture, samples):
+    """Signed: pooled within-mode variance over the modes' own (samples assigned to their likeliest mode)."""
+    samples = samples.to(torch.float64)
+    labels = mixture.log_prob_components(samples).argmax(1)
+    counts = torch.bincount(labels, minlength=len(mixture.weights)).to(torch.float64)
+    variances = torch.stack([samples[labels == k].var(0).mean() if counts[k] > 1 else samples.new_zeros(()) for k in range(len(counts))])
+    return ((counts * variances).sum() / (counts * mixture.stds**2).sum()).item() - 1
+
+
+def make_scheduler():
+    return ProbabilityFlowODEScheduler.from_config(DDPM_CONFIG, solver="dpm_solver_2m", time_spacing="log_snr")
+
+
+def sample(scheduler, mixture, noise):
+    """The plain loop from ``noise`` on the scheduler's current grid (``set_begin_index(0)`` restarts it)."""
+    model = exact_score_model(mixture, scheduler)
+    scheduler.set_begin_index(0)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+def sigmas_for(log_density, num_levels, scheduler=None):
+    """``sigma / a`` of the density's levels over the scheduler's log-SNR range (default: the DDPM schedule)."""
+    scheduler = scheduler or make_scheduler()
+    start, end = scheduler.sde.log_snr([1.0, scheduler.sampling_eps]).tolist()
+    return np.exp(-density_levels(num_levels, start, end, log_density)).tolist()
+
+
+def real_network_check(model_dir, log_density, num_samples=300, reference_levels=200):
+    """RMS distance to the network's own 200-level ODE solution at NFE 5, 10, 20: flat (default) vs the density."""
+    pipeline = ScoreSDEPipeline.from_pretrained(model_dir)
+    unet = pipeline.unet
+    scheduler = ProbabilityFlowODEScheduler.from_config(pipeline.scheduler.config, solver="dpm_solver_2m", time_spacing="log_snr")
+    noise = torch.randn(num_samples, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                        generator=torch.Generator().manual_seed(0))
+
+    def solve(**grid):
+        scheduler.set_timesteps(**grid)
+        x = noise.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        return x
+
+    reference = solve(num_inference_steps=reference_levels)
+    rms = {}
+    for name, density in (("log_snr (default)", np.zeros(len(KNOTS))), ("tuned", log_density)):
+        rms[name] = {nfe: ((solve(sigmas=sigmas_for(density, nfe, scheduler)) - reference) ** 2).mean().sqrt().item() for nfe in (5, 10, 20)}
+    return rms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_evaluations", type=int, default=700)
+    parser.add_argument("--no_image_scale", action="store_true", help="tune on the first twelve mixtures only")
+    parser.add_argument("--log_density", type=float, nargs=len(KNOTS), help="score this density instead of tuning")
+    parser.add_argument("--real_model_dir", default=None, help="a ScoreSDEPipeline folder (bench_real_data.py's digits model)")
+    parser.add_argument("--out", default="benchmarks/results/tuned_step_density.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(REFERENCE_LEVELS)
+    held_out = []
+    for index, mixture in enumerate(held_out_mixtures(image_scale=not args.no_image_scale)):
+        noise = torch.randn(1000 if mixture.dim == 2 else 500, mixture.dim, generator=torch.Generator().manual_seed(100 + index))
+        held_out.append((mixture, noise, variance_ratio(mixture, sample(scheduler, mixture, noise))))
+
+    def errors(log_density):
+        """Per NFE: the L4 mean over the held-out mixtures of |V_few - V_ref|."""
+        per_nfe = []
+        for nfe in LOW_NFE_TARGETS:
+            scheduler.set_timesteps(sigmas=sigmas_for(log_density, nfe))
+            deviations = [abs(variance_ratio(m, sample(scheduler, m, noise)) - ref) for m, noise, ref in held_out]
+            per_nfe.append(np.mean(np.power(deviations, 4)) ** 0.25)
+        return np.array(per_nfe)
+
+    flat = np.zeros(len(KNOTS))
+    uniform_errors = errors(flat)
+    evaluations = []
+
+    def objective(free):
+        value = float(np.mean(np.log(errors(np.concatenate([[0.0], free])) / uniform_errors)))
+        evaluations.append(value)
+        if len(evaluations) % 50 == 0:
+            print(f"evaluation {len(evaluations)}: objective {min(evaluations):.4f}", flush=True)
+        return value
+
+    if args.log_density is None:
+        result = minimize(objective, flat[1:], method="Nelder-Mead", options={
+            "maxfev": args.max_evaluations, "adaptive": True,
+            "initial_simplex": np.vstack([flat[1:], flat[1:] + 0.8 * np.eye(len(flat) - 1)])})
+        log_density = np.round(np.concatenate([[0.0], result.x]), 4)
+    else:
+        log_density = np.asarray(args.log_density)
+    tuned_errors = errors(log_density)
+    print(f"\nknots = {KNOTS}\nlog_density = {tuple(log_density.tolist())}\n")
+    print("held-out error (L4 mean of |V_few - V_ref|) per NFE:")
+    print("| spacing | " + " | ".join(f"NFE {n}" for n in LOW_NFE_TARGETS) + " |\n|---|" + "---:|" * len(LOW_NFE_TARGETS))
+    print("| log_snr (default) | " + " | ".join(f"{e:.4f}" for e in uniform_errors) + " |")
+    print("| tuned | " + " | ".join(f"{e:.4f}" for e in tuned_errors) + " |")
+
+    # the benchmark, with bench_oracle_samplers' seeds and metric: the tuned density as a custom sigma grid
+    recorded = json.loads(Path("benchmarks/results/oracle_samplers_low_nfe.json").read_text())["results"]
+    tuned = Sampler("tuned", "scorekit", scorekit_on_ddpm(ProbabilityFlowODEScheduler, solver="dpm_solver_2m", time_spacing="log_snr"))
+    benchmark = {}
+    for name, mixture, num_samples in (("ring", GaussianMixture.ring(), 8000), ("64d", GaussianMixture.high_dimensional(dim=64), 4000)):
+        reference = mixture.sample(num_samples, torch.Generator().manual_seed(1000))
+        directions = torch.randn(NUM_DIRECTIONS, mixture.dim, generator=torch.Generator().manual_seed(3000), dtype=torch.float64)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        benchmark[name] = {}
+        for nfe in LOW_NFE_TARGETS:
+            tuned.loop = lambda scheduler, model, shape, steps, generator, nfe=nfe: custom_grid_loop(scheduler, model, shape, sigmas_for(log_density, nfe), generator)
+            row = run(tuned, mixture, num_samples, nfe, reference, directions)
+            peers = [r for r in recorded[name]["runs"] if r["nfe_target"] == nfe and r["library"] == "diffusers"]
+            peer = min(peers, key=lambda r: r["variance_error"])
+            default = next(r for r in recorded[name]["runs"] if r["nfe_target"] == nfe and r["sampler"] == "ode_vp_dpm_solver_2m_log_snr_ddpm")
+            benchmark[name][nfe] = {"tuned": row["variance_error"], "nfe": row["nfe"], "default": default["variance_error"], "best_peer": peer["variance_error"], "best_peer_name": peer["sampler"]}
+        print(f"\n{name}: variance error\n\n| | " + " | ".join(f"NFE {n}" for n in LOW_NFE_TARGETS) + " |\n|---|" + "---:|" * len(LOW_NFE_TARGETS))
+        for key in ("tuned", "default", "best_peer"):
+            print(f"| {key} | " + " | ".join(format_value(benchmark[name][n][key]) for n in LOW_NFE_TARGETS) + " |")
+    real_rms = None
+    if args.real_model_dir:
+        real_rms = real_network_check(args.real_model_dir, log_density)
+        print(f"\nreal network ({args.real_model_dir}): RMS distance to its 200-level ODE solution, 300 samples\n\n"
+              "| spacing | NFE 5 | NFE 10 | NFE 20 |\n|---|---:|---:|---:|")
+        for name, row in real_rms.items():
+            print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "knots": list(KNOTS), "log_density": log_density.tolist(), "nfe_targets": list(LOW_NFE_TARGETS),
+        "image_scale_mixtures": not args.no_image_scale, "real_network_rms": real_rms,
+        "held_out_error_uniform": uniform_errors.tolist(), "held_out_error_tuned": tuned_errors.tolist(),
+        "evaluations": len(evaluations), "benchmark": benchmark,
+    }, indent=1))
+    print(f"\nwrote {out}")
+
+
+def custom_grid_loop(scheduler, model, shape, sigmas, generator):
+    """``plain_loop`` on a custom sigma grid (the same noise draw)."""
+    scheduler.set_timesteps(sigmas=sigmas)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+if __name__ == "__main__":
+    main()
