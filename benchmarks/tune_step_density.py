@@ -16,7 +16,8 @@ tuned density is then scored with ``bench_oracle_samplers.run`` (its seeds, samp
 the 64-D mixture, next to the default spacing and the best diffusers peer recorded in
 ``benchmarks/results/oracle_samplers_low_nfe.json``. With ``--real_model_dir`` (the digits model that
 ``bench_real_data.py`` trains) it also measures what the grid does to a real network: the RMS distance of 300
-samples at NFE 5, 10 and 20 to the 200-level solution of that network's ODE from the same noise.
+samples at NFE 5, 10 and 20 to the 200-level solution of that network's ODE from the same noise; with
+``--calibration_evaluations`` also for a density fitted to that network itself on a separate pilot batch.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/tune_step_density.py [--max_evaluations 700] \\
         [--real_model_dir outputs/digits-vp] [--log_density v0 ... v10 (score a density, no tuning)]
@@ -38,6 +39,7 @@ from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
 REFERENCE_LEVELS = 400
 KNOTS = (-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
 QUADRATURE_POINTS = 10001
+REAL_NFE = (5, 10, 20)
 # (dimension, modes, mode std, distance of the modes from the origin) of the held-out mixtures; 2-D modes lie at
 # radius 0.7-1.3. The last three have an image's scale: 8x8 digits in [-1, 1] lie about 5 apart.
 HELD_OUT = ((2, 5, 0.05, None), (2, 8, 0.08, None), (2, 6, 0.12, None), (2, 10, 0.07, None), (2, 7, 0.15, None),
@@ -101,15 +103,16 @@ def sigmas_for(log_density, num_levels, scheduler=None):
     return np.exp(-density_levels(num_levels, start, end, log_density)).tolist()
 
 
-def real_network_check(model_dir, log_density, num_samples=300, reference_levels=200):
-    """RMS distance to the network's own 200-level ODE solution at NFE 5, 10, 20: flat (default) vs the density."""
+def real_network_check(model_dir, log_density, calibration_evaluations=0, num_samples=300, reference_levels=200):
+    """RMS distance to the network's own 200-level ODE solution at NFE 5, 10, 20: flat (default) vs the density;
+    with ``calibration_evaluations``, also a density fitted to this network on a separate pilot batch (100 draws of
+    another seed) by the same Nelder-Mead, minimising the mean over those NFEs of log(RMS / RMS_flat)."""
     pipeline = ScoreSDEPipeline.from_pretrained(model_dir)
     unet = pipeline.unet
     scheduler = ProbabilityFlowODEScheduler.from_config(pipeline.scheduler.config, solver="dpm_solver_2m", time_spacing="log_snr")
-    noise = torch.randn(num_samples, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
-                        generator=torch.Generator().manual_seed(0))
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
-    def solve(**grid):
+    def solve(noise, **grid):
         scheduler.set_timesteps(**grid)
         x = noise.clone()
         with torch.no_grad():
@@ -117,11 +120,25 @@ def real_network_check(model_dir, log_density, num_samples=300, reference_levels
                 x = scheduler.step(unet(x, t).sample, t, x).prev_sample
         return x
 
-    reference = solve(num_inference_steps=reference_levels)
-    rms = {}
-    for name, density in (("log_snr (default)", np.zeros(len(KNOTS))), ("tuned", log_density)):
-        rms[name] = {nfe: ((solve(sigmas=sigmas_for(density, nfe, scheduler)) - reference) ** 2).mean().sqrt().item() for nfe in (5, 10, 20)}
-    return rms
+    def distances(noise, reference, density):
+        return np.array([((solve(noise, sigmas=sigmas_for(density, nfe, scheduler)) - reference) ** 2).mean().sqrt().item()
+                         for nfe in REAL_NFE])
+
+    flat = np.zeros(len(KNOTS))
+    densities = {"log_snr (default)": flat, "tuned": log_density}
+    if calibration_evaluations:
+        pilot = torch.randn(100, *shape, generator=torch.Generator().manual_seed(1))
+        pilot_reference = solve(pilot, num_inference_steps=reference_levels)
+        pilot_flat = distances(pilot, pilot_reference, flat)
+        result = minimize(lambda free: float(np.mean(np.log(distances(pilot, pilot_reference, np.concatenate([[0.0], free])) / pilot_flat))),
+                          flat[1:], method="Nelder-Mead", options={"maxfev": calibration_evaluations, "adaptive": True,
+                                                                    "initial_simplex": np.vstack([flat[1:], flat[1:] + 0.8 * np.eye(len(flat) - 1)])})
+        densities["calibrated on this network"] = np.round(np.concatenate([[0.0], result.x]), 4)
+        print(f"calibrated log_density = {tuple(densities['calibrated on this network'].tolist())}")
+    noise = torch.randn(num_samples, *shape, generator=torch.Generator().manual_seed(0))
+    reference = solve(noise, num_inference_steps=reference_levels)
+    return {name: {"log_density": np.asarray(density).tolist(), **dict(zip(REAL_NFE, distances(noise, reference, density).tolist()))}
+            for name, density in densities.items()}
 
 
 def main():
@@ -130,6 +147,8 @@ def main():
     parser.add_argument("--no_image_scale", action="store_true", help="tune on the first twelve mixtures only")
     parser.add_argument("--log_density", type=float, nargs=len(KNOTS), help="score this density instead of tuning")
     parser.add_argument("--real_model_dir", default=None, help="a ScoreSDEPipeline folder (bench_real_data.py's digits model)")
+    parser.add_argument("--calibration_evaluations", type=int, default=0,
+                        help="with --real_model_dir: also fit a density to that network on a pilot batch")
     parser.add_argument("--out", default="benchmarks/results/tuned_step_density.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -195,11 +214,11 @@ def main():
             print(f"| {key} | " + " | ".join(format_value(benchmark[name][n][key]) for n in LOW_NFE_TARGETS) + " |")
     real_rms = None
     if args.real_model_dir:
-        real_rms = real_network_check(args.real_model_dir, log_density)
+        real_rms = real_network_check(args.real_model_dir, log_density, args.calibration_evaluations)
         print(f"\nreal network ({args.real_model_dir}): RMS distance to its 200-level ODE solution, 300 samples\n\n"
               "| spacing | NFE 5 | NFE 10 | NFE 20 |\n|---|---:|---:|---:|")
         for name, row in real_rms.items():
-            print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+            print(f"| {name} | " + " | ".join(f"{row[nfe]:.4f}" for nfe in REAL_NFE) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
