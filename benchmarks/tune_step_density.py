@@ -73,27 +73,21 @@ def held_out_mixtures(image_scale=True, seed=7):
     return mixtures
 
 
-def variance_ratio(mixture, samples):
-    """Signed: pooled within-mode variance over the modes' own (samples assigned to their likeliest mode)."""
-    samples = samples.to(torch.float64)
-    labels = mixture.log_prob_components(samples).argmax(1)
-    counts = torch.bincount(labels, minlength=len(mixture.weights)).to(torch.float64)
-    variances = torch.stack([samples[labels == k].var(0).mean() if counts[k] > 1 else samples.new_zeros(()) for k in range(len(counts))])
-    return ((counts * variances).sum() / (counts * mixture.stds**2).sum()).item() - 1
-
-
 def make_scheduler():
     return ProbabilityFlowODEScheduler.from_config(DDPM_CONFIG, solver="dpm_solver_2m", time_spacing="log_snr")
 
 
-def sample(scheduler, mixture, noise):
-    """The plain loop from ``noise`` on the scheduler's current grid (``set_begin_index(0)`` restarts it)."""
-    model = exact_score_model(mixture, scheduler)
+def run_grid(scheduler, model, x):
+    """The plain diffusers loop from ``x`` over the scheduler's current grid (``set_begin_index(0)`` restarts it,
+    so one ``set_timesteps`` serves many runs)."""
     scheduler.set_begin_index(0)
-    x = noise.clone()
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t), t, x).prev_sample
     return x
+
+
+def sample(scheduler, mixture, noise):
+    return run_grid(scheduler, exact_score_model(mixture, scheduler), noise)
 
 
 def sigmas_for(log_density, num_levels, scheduler=None):
@@ -114,11 +108,8 @@ def real_network_check(model_dir, log_density, calibration_evaluations=0, num_sa
 
     def solve(noise, **grid):
         scheduler.set_timesteps(**grid)
-        x = noise.clone()
         with torch.no_grad():
-            for t in scheduler.timesteps:
-                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-        return x
+            return run_grid(scheduler, lambda x, t: unet(x, t).sample, noise)
 
     def distances(noise, reference, density):
         return np.array([((solve(noise, sigmas=sigmas_for(density, nfe, scheduler)) - reference) ** 2).mean().sqrt().item()
@@ -157,14 +148,14 @@ def main():
     held_out = []
     for index, mixture in enumerate(held_out_mixtures(image_scale=not args.no_image_scale)):
         noise = torch.randn(1000 if mixture.dim == 2 else 500, mixture.dim, generator=torch.Generator().manual_seed(100 + index))
-        held_out.append((mixture, noise, variance_ratio(mixture, sample(scheduler, mixture, noise))))
+        held_out.append((mixture, noise, mixture.pooled_variance_ratio(sample(scheduler, mixture, noise)) - 1))
 
     def errors(log_density):
         """Per NFE: the L4 mean over the held-out mixtures of |V_few - V_ref|."""
         per_nfe = []
         for nfe in LOW_NFE_TARGETS:
-            scheduler.set_timesteps(sigmas=sigmas_for(log_density, nfe))
-            deviations = [abs(variance_ratio(m, sample(scheduler, m, noise)) - ref) for m, noise, ref in held_out]
+            scheduler.set_timesteps(sigmas=sigmas_for(log_density, nfe, scheduler))
+            deviations = [abs(m.pooled_variance_ratio(sample(scheduler, m, noise)) - 1 - ref) for m, noise, ref in held_out]
             per_nfe.append(np.mean(np.power(deviations, 4)) ** 0.25)
         return np.array(per_nfe)
 
@@ -233,10 +224,7 @@ def main():
 def custom_grid_loop(scheduler, model, shape, sigmas, generator):
     """``plain_loop`` on a custom sigma grid (the same noise draw)."""
     scheduler.set_timesteps(sigmas=sigmas)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x).prev_sample
-    return x
+    return run_grid(scheduler, model, torch.randn(shape, generator=generator) * scheduler.init_noise_sigma)
 
 
 if __name__ == "__main__":

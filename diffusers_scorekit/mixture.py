@@ -73,24 +73,33 @@ class GaussianMixture:
         labels = self.log_prob_components(samples).argmax(1)
         counts = torch.bincount(labels, minlength=len(self.weights)).to(torch.float64)
         total_variation = 0.5 * (counts / counts.sum() - self.weights).abs().sum().item()
-        mean_errors, variance_ratios, weighted_variance, weighted_target = [], [], 0.0, 0.0
+        mean_errors, variance_ratios = [], []
         for k in range(len(self.weights)):
             members = samples[labels == k]
             if len(members) < 10:
                 return {"tv": total_variation, "mean_error": math.inf, "variance_error": math.inf,
                         "max_variance_error": math.inf, "nonfinite": not torch.isfinite(samples).all().item()}
             mean_errors.append(((members.mean(0) - self.means[k]).norm() / (self.stds[k] * math.sqrt(self.dim))).item())
-            variance = members.var(0).mean().item()
-            variance_ratios.append(variance / self.stds[k].item() ** 2)
-            weighted_variance += len(members) * variance
-            weighted_target += len(members) * self.stds[k].item() ** 2
+            variance_ratios.append(members.var(0).mean().item() / self.stds[k].item() ** 2)
         return {
             "tv": total_variation,
             "mean_error": max(mean_errors),
-            "variance_error": abs(weighted_variance / weighted_target - 1),
+            "variance_error": abs(self.pooled_variance_ratio(samples, labels) - 1),
             "max_variance_error": max(abs(r - 1) for r in variance_ratios),
             "nonfinite": not torch.isfinite(samples).all().item(),
         }
+
+    def pooled_variance_ratio(self, samples, labels=None):
+        """``sum_k n_k v_k / sum_k n_k std_k^2``: the within-mode variance of the samples assigned to each mode (its
+        likeliest component, unless ``labels`` says), pooled over modes by membership, over the modes' own. A mode
+        with fewer than two members counts as zero variance."""
+        samples = samples.to(torch.float64)
+        if labels is None:
+            labels = self.log_prob_components(samples).argmax(1)
+        counts = torch.bincount(labels, minlength=len(self.weights)).to(torch.float64)
+        variances = torch.stack([samples[labels == k].var(0).mean() if counts[k] > 1 else samples.new_zeros(())
+                                 for k in range(len(self.weights))])
+        return ((counts * variances).sum() / (counts * self.stds**2).sum()).item()
 
     def log_prob_components(self, x):
         terms, _, _ = self._component_terms(x, 1.0, 0.0)

@@ -490,3 +490,19 @@ def test_neighbour_radii_balls_are_closed_and_statistics_shapes_are_checked():
     mean, covariance = torch.zeros(2), torch.eye(2)
     with pytest.raises(ValueError):
         frechet_distance_from_statistics(mean, covariance, mean, torch.eye(3))
+
+
+def test_pooled_variance_ratio_by_hand():
+    # two 1-D modes (std 1 and 2); members chosen so each mode's sample variance is known exactly
+    mixture = GaussianMixture([1.0, 1.0], [[0.0], [10.0]], [1.0, 2.0])
+    first, second = torch.tensor([-1.0, 1.0, 0.0]), torch.tensor([10.0, 13.0, 7.0, 10.0])  # variances 1 and 6
+    samples = torch.cat([first, second])[:, None]
+    expected = (3 * 1.0 + 4 * 6.0) / (3 * 1.0 + 4 * 4.0)
+    assert mixture.pooled_variance_ratio(samples) == pytest.approx(expected, rel=1e-12)
+    # given labels win over the likeliest component; a mode with one member counts zero variance
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 0])
+    # mode 0 gets -1, 1, 0, 10 (variance 77 / 3, by hand), mode 1 gets 10, 13, 7 (variance 9)
+    assert mixture.pooled_variance_ratio(samples, labels) == pytest.approx((4 * 77 / 3 + 3 * 9.0) / (4 * 1.0 + 3 * 4.0), rel=1e-12)
+    lone = torch.tensor([0, 0, 0, 0, 0, 0, 1])
+    # mode 0 gets -1, 1, 0, 10, 13, 7 (variance 34, by hand), mode 1 only the last 10
+    assert mixture.pooled_variance_ratio(samples, lone) == pytest.approx(6 * 34.0 / (6 * 1.0 + 1 * 4.0), rel=1e-12)
