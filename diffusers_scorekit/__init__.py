@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .calibration import StepCalibration, calibrate_sigmas
 from .models import NCSNScoreModel, ScoreMLP, ScoreModelOutput
 from .pipelines import ScoreSDEPipeline, ScoreSDEPipelineOutput
 from .parametrization import PREDICTION_TYPES, TIMESTEP_TYPES, epsilon_and_sample, model_target

@@ -229,6 +229,17 @@ def fashion_mnist_pipeline(folders):
 
 
 @setup
+def calibration(folders):
+    """Nothing but the block's own imports; the pilot batch is 8 draws and the search stops after 30 grids."""
+
+    def check(namespace):
+        assert len(namespace["images"]) == 16 and len(namespace["calibration"].sigmas) == 10
+        assert namespace["calibration"].distance < namespace["calibration"].default_distance
+
+    yield Setup({}, rewrites={"num_samples=64,": "num_samples=8, max_grids=30,"}, check=check)
+
+
+@setup
 def none(folders):
     """Nothing: the block stands alone."""
     yield Setup({})

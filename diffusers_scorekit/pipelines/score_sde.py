@@ -5,7 +5,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import likelihood as flows
 from .. import variational_bound as bounds
+from ..calibration import StepCalibration, calibrate_sigmas
 from ..parametrization import epsilon_and_sample, model_output_from_epsilon
 from ..score_function import ScoreFunction
 from ..schedulers import PredictorCorrectorScheduler, ProbabilityFlowODEScheduler, ScoreSchedulerMixin
@@ -257,10 +258,14 @@ class ScoreSDEPipeline(DiffusionPipeline):
         known,
         keep_mask,
         callback_on_step_end,
+        sigmas=None,
     ) -> torch.Tensor:
         device, dtype = self._execution_device, self.unet.dtype
         shape = (batch_size, *self.sample_shape)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         x = latents.to(device=device, dtype=dtype)
@@ -311,6 +316,7 @@ class ScoreSDEPipeline(DiffusionPipeline):
         classifier: Optional[Callable] = None,
         classifier_scale: float = 1.0,
         latents: Optional[torch.Tensor] = None,
+        sigmas: Optional[Sequence[float]] = None,
     ):
         """Draw ``batch_size`` samples.
 
@@ -330,6 +336,8 @@ class ScoreSDEPipeline(DiffusionPipeline):
                 (``score + classifier_scale * grad log p(y | x, t)``).
             classifier_scale: weight of the classifier gradient.
             latents: the initial sample (already scaled by ``init_noise_sigma``), instead of drawing it.
+            sigmas: the grid's noise levels ``sigma / a``, decreasing, instead of ``num_inference_steps`` (which is
+                then ignored, as in diffusers' pipelines): e.g. the ``sigmas`` of ``calibrate_sigmas``.
 
         Returns:
             ``ImagePipelineOutput`` for image models, ``ScoreSDEPipelineOutput`` for vector models (or tuples).
@@ -339,9 +347,32 @@ class ScoreSDEPipeline(DiffusionPipeline):
                                                     classifier, guidance_scale, classifier_scale, latents)
         x = self._sample(
             batch_size, num_inference_steps, generator, class_labels, guidance_scale, classifier, classifier_scale,
-            latents, None, None, callback_on_step_end,
+            latents, None, None, callback_on_step_end, sigmas,
         )
         return self._postprocess(x, output_type, return_dict)
+
+    def calibrate_sigmas(
+        self,
+        num_inference_steps: int,
+        num_samples: int = 64,
+        generator: Optional[torch.Generator] = None,
+        reference_steps: int = 200,
+        **search,
+    ) -> StepCalibration:
+        """Fit the levels of a ``num_inference_steps`` grid to this model (see ``diffusers_scorekit.calibration``):
+        the grid whose samples land closest to the model's own ``reference_steps``-level solution, on a pilot
+        batch of ``num_samples`` draws from ``generator``. Needs a `ProbabilityFlowODEScheduler`. Pass the result's
+        ``sigmas`` to ``__call__``. ``search``: ``max_grids``, ``initial_step``, ``min_step`` of
+        ``calibrate_sigmas``. Unconditional: the model is called without class labels."""
+        check_batch_size(num_samples)
+        self.check_conventions()
+        device, dtype = self._execution_device, self.unet.dtype
+        noise = randn_tensor((num_samples, *self.sample_shape), generator=generator, device=device, dtype=dtype)
+
+        def model(x, t):
+            return self._model_output(x, t, None, 1.0, None, 1.0)
+
+        return calibrate_sigmas(self.scheduler, model, noise, num_inference_steps, reference_steps, **search)
 
     @torch.no_grad()
     def inpaint(

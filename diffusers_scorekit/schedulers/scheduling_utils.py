@@ -646,6 +646,14 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         self._begin_index = int(begin_index)
         self._step_index = None
 
+    @property
+    def sigmas(self) -> Optional[torch.Tensor]:
+        """The grid's levels as ``sigma / a`` (diffusers' and EDM's sigma), float64, one per level in the order
+        they are visited: what ``set_timesteps(sigmas=...)`` takes back. None until ``set_timesteps``."""
+        if self._levels is None:
+            return None
+        return torch.tensor([level.noise_ratio for level in self._levels], dtype=torch.float64)
+
     def level_of(self, step_index: int) -> Level:
         """The noise level of entry ``step_index`` of ``timesteps`` (for reports and guidance)."""
         return self._levels[self._stages[step_index].level]
