@@ -70,7 +70,8 @@ def calibrate_sigmas(
 ) -> StepCalibration:
     """Fit the ``num_inference_steps`` levels of a probability-flow ODE scheduler to ``model``.
 
-    The levels are searched in log-SNR, starting from the scheduler's own grid, to minimise the mean distance
+    The levels are searched in log-SNR, starting from the scheduler's own ``num_inference_steps`` grid (a kept
+    ``fitted_sigmas`` grid of that length, else ``time_spacing``'s), to minimise the mean distance
     (over the draws of ``noise``) between the grid's samples and the scheduler's ``reference_steps``-level solution
     from the same noise. The first level stays at the prior (``t = 1``). With ``denoise_final`` (the default) the
     last level is fitted too, anywhere above the scheduler's ``sampling_eps``: the final Tweedie step then jumps to
@@ -84,7 +85,7 @@ def calibrate_sigmas(
 
     Args:
         scheduler: a `ProbabilityFlowODEScheduler` (deterministic: the same noise gives the same sample, which the
-            comparison needs). On return it holds the fitted grid.
+            comparison needs). On return it holds the fitted grid for this run; ``register_fitted_sigmas`` keeps it.
         model: ``model(x, timestep) -> model_output`` in the scheduler's ``prediction_type`` and timestep
             convention, as in the plain diffusers loop.
         noise: the pilot batch of standard normal draws, ``(batch, *sample_shape)``; the samples start from
@@ -129,7 +130,10 @@ def calibrate_sigmas(
         reference = _solve(scheduler, model, noise, num_inference_steps=reference_steps)
         scheduler.set_timesteps(num_inference_steps)
         default_sigmas = scheduler.sigmas.tolist()
-        start, end = -np.log([default_sigmas[0], default_sigmas[-1]])
+        default_log_snr = -np.log(default_sigmas)
+        start, end = default_log_snr[0], default_log_snr[-1]
+        if fit_last_level:  # the range runs to sampling_eps even where a kept grid ends above it
+            end = max(end, scheduler.sde.log_snr([scheduler.sampling_eps]).item())
 
         def distance(sigmas):
             return _mean_distance(_solve(scheduler, model, noise, sigmas=sigmas), reference)
@@ -141,7 +145,7 @@ def calibrate_sigmas(
             return [default_sigmas[0], *inner] if fit_last_level else [default_sigmas[0], *inner, default_sigmas[-1]]
 
         default_distance = distance(default_sigmas)
-        point = np.log(np.diff(-np.log(default_sigmas)))
+        point = np.log(np.diff(default_log_snr))
         if fit_last_level:
             # the rest of the range below the last level starts at a twentieth of the mean step
             point = np.append(point, point.mean() - 3.0)

@@ -13,7 +13,7 @@ Two CPU processes (accelerate runs several CPU processes, over gloo, only with `
 """
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,15 +62,17 @@ def draw_across_processes(make_batch: Callable[[range], torch.Tensor], num_sampl
 
 
 def sample_across_processes(pipe, num_samples: int, num_inference_steps: int, seed: int, batch_size: int,
-                            accelerator, class_labels: Optional[torch.Tensor] = None) -> Optional[np.ndarray]:
+                            accelerator, class_labels: Optional[torch.Tensor] = None,
+                            sigmas: Optional[Sequence[float]] = None) -> Optional[np.ndarray]:
     """``num_samples`` samples of ``pipe`` (``output_type="np"``: images in [0, 1], NHWC, or vectors), sample
-    ``i`` drawn from ``sample_generators``, made by this run's processes together (``draw_across_processes``)."""
+    ``i`` drawn from ``sample_generators``, made by this run's processes together (``draw_across_processes``);
+    on the grid ``sigmas`` when given (see ``ScoreSDEPipeline.__call__``)."""
     pipe.to(accelerator.device)
 
     def make_batch(indices: range) -> torch.Tensor:
         labels = None if class_labels is None else class_labels[indices.start:indices.stop]
         output = pipe(len(indices), num_inference_steps, generator=sample_generators(seed, indices),
-                      class_labels=labels, output_type="np")
+                      class_labels=labels, output_type="np", sigmas=sigmas)
         return torch.from_numpy(np.asarray(output.images if pipe.is_image_model else output.samples))
 
     samples = draw_across_processes(make_batch, num_samples, batch_size, accelerator)

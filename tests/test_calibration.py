@@ -134,6 +134,44 @@ def test_bad_arguments_say_what_is_allowed(scheduler, arguments, error, message)
         calibrate_sigmas(scheduler, model, torch.zeros(4, 2), **arguments)
 
 
+def test_a_registered_grid_runs_for_its_length_and_travels_with_the_config(tmp_path):
+    scheduler = ddpm_ode()
+    scheduler.set_timesteps(5)
+    prior_sigma = scheduler.sigmas[0].item()
+    fitted, replacement, short = [prior_sigma, 3.0, 1.0, 0.3, 0.05], [prior_sigma, 2.0, 1.0, 0.3, 0.05], [prior_sigma, 0.1]
+    scheduler.register_fitted_sigmas(fitted)
+    scheduler.set_timesteps(5)
+    assert scheduler.sigmas.tolist() == pytest.approx(fitted, rel=1e-12)
+    scheduler.set_timesteps(6)  # no kept grid of 6 levels: time_spacing's
+    fresh = ddpm_ode()
+    fresh.set_timesteps(6)
+    assert scheduler.sigmas.tolist() == fresh.sigmas.tolist()
+    scheduler.register_fitted_sigmas(torch.tensor(replacement, dtype=torch.float64))  # replaces the 5-level grid
+    scheduler.register_fitted_sigmas(short)
+    assert scheduler.config.fitted_sigmas == [short, replacement]
+    scheduler.save_config(tmp_path)
+    reloaded = ProbabilityFlowODEScheduler.from_pretrained(tmp_path)
+    reloaded.set_timesteps(5)
+    assert reloaded.sigmas.tolist() == pytest.approx(replacement, rel=1e-12)
+    # a swap to another scorekit scheduler leaves the grids behind
+    assert "fitted_sigmas" not in PredictorCorrectorScheduler.from_config(reloaded.config).config
+
+
+@pytest.mark.parametrize(
+    "fitted_sigmas, error, message",
+    [
+        ("grids", TypeError, "fitted_sigmas='grids' is invalid: it must be a list of grids"),
+        ([["a", "b"]], TypeError, "fitted_sigmas=['a', 'b'] is invalid: it must be a list of numbers"),
+        ([[1.0, 2.0]], ValueError, "fitted_sigmas=[1.0, 2.0] is invalid: it must be finite and strictly decreasing"),
+        ([[2.0, 1.0], [3.0, 1.0]], ValueError, "it may hold at most one grid per number of levels"),
+        ([[1e6, 1.0]], ValueError, "its values must lie in"),
+    ],
+)
+def test_bad_fitted_sigmas_say_what_is_allowed(fitted_sigmas, error, message):
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ProbabilityFlowODEScheduler(fitted_sigmas=fitted_sigmas)
+
+
 def tiny_vector_pipeline():
     torch.manual_seed(0)
     unet = ScoreMLP(data_dim=2, hidden_dim=16, num_layers=1, embedding_dim=16)
@@ -162,6 +200,52 @@ def test_pipeline_calibrates_on_its_model_and_samples_on_the_grid():
     latents = torch.randn((3, 2), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(samples, solve(scheduler, model, latents, sigmas=calibration.sigmas), rtol=0, atol=0)
+
+
+def test_pipeline_calibrates_a_class_conditional_model_on_its_null_label():
+    torch.manual_seed(0)
+    unet = ScoreMLP(data_dim=2, hidden_dim=16, num_layers=1, embedding_dim=16, num_class_embeds=3)
+    pipe = ScoreSDEPipeline(unet=unet, scheduler=ProbabilityFlowODEScheduler.from_config(
+        {"prediction_type": unet.config.prediction_type, "timestep_type": unet.config.timestep_type}))
+    calibration = pipe.calibrate_sigmas(4, num_samples=8, generator=torch.Generator().manual_seed(1), reference_steps=20,
+                                        max_grids=6)
+
+    def unconditional(x, t):
+        return unet(x, t.expand(x.shape[0]), class_labels=torch.full((x.shape[0],), 3)).sample
+
+    pilot = torch.randn((8, 2), generator=torch.Generator().manual_seed(1))
+    scheduler = ProbabilityFlowODEScheduler.from_config(pipe.scheduler.config)
+    assert calibrate_sigmas(scheduler, unconditional, pilot, 4, reference_steps=20, max_grids=6) == calibration
+
+
+def test_calibration_starts_from_a_kept_grid_and_may_move_its_last_level_down_to_sampling_eps():
+    mixture = GaussianMixture.ring()
+    scheduler = ddpm_ode()
+    model = exact_score_model(mixture, scheduler)
+    pilot = torch.randn((50, 2), generator=torch.Generator().manual_seed(1))
+    scheduler.set_timesteps(5)
+    kept = [scheduler.sigmas[0].item(), 3.0, 1.0, 0.3, 0.1]
+    scheduler.register_fitted_sigmas(kept)
+    calibration = calibrate_sigmas(scheduler, model, pilot, 5, reference_steps=50)
+    # the kept grid was the search's default
+    assert calibration.default_distance == pytest.approx(
+        _mean_distance(solve(scheduler, model, pilot, sigmas=kept), solve(scheduler, model, pilot, num_inference_steps=50)),
+        rel=1e-12)
+    # the rest of the range below the kept grid's last level, down to sampling_eps, is searched too
+    assert calibration.sigmas[-1] < 0.1 and calibration.distance < calibration.default_distance
+
+
+def test_a_registered_grid_is_saved_with_the_pipeline(tmp_path):
+    pipe = tiny_vector_pipeline()
+    calibration = pipe.calibrate_sigmas(4, num_samples=8, generator=torch.Generator().manual_seed(1), reference_steps=20,
+                                        max_grids=6)
+    pipe.scheduler.register_fitted_sigmas(calibration.sigmas)
+    pipe.save_pretrained(tmp_path)
+    reloaded = ScoreSDEPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    expected = pipe(batch_size=3, sigmas=calibration.sigmas, generator=torch.Generator().manual_seed(0), output_type="pt")
+    samples = reloaded(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    torch.testing.assert_close(samples.samples, expected.samples, rtol=0, atol=0)
 
 
 def test_pipeline_calibration_needs_the_ode_scheduler():

@@ -147,6 +147,21 @@ def test_ddpm_pipeline(name):
     assert counter.timesteps == pipe.scheduler.timesteps.tolist() and len(counter.timesteps) == nfe(4)
 
 
+def test_ddpm_pipeline_runs_a_fitted_grid_kept_in_the_scheduler_config():
+    """``register_fitted_sigmas``: diffusers' own pipeline asks for ``set_timesteps(4)`` and gets the fitted grid."""
+    unet = tiny_unet2d()
+    counter = CallCounter(unet)
+    scheduler = ProbabilityFlowODEScheduler.from_config(DDPMScheduler().config)
+    scheduler.set_timesteps(4)
+    fitted = [scheduler.sigmas[0].item(), 2.0, 0.5, 0.1]
+    scheduler.register_fitted_sigmas(fitted)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.manual_seed(0))
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(fitted, rel=1e-12)
+    assert counter.timesteps == pipe.scheduler.timesteps.tolist() and len(counter.timesteps) == 4
+
+
 def test_ddim_pipeline_raises_pointing_to_ddpm_pipeline():
     """DDIMPipeline turns any scheduler into a DDIMScheduler when built; assigned afterwards, a scorekit scheduler
     refuses DDIM's eta argument with a pointer to the pipelines that run it."""

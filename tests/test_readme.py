@@ -230,11 +230,15 @@ def fashion_mnist_pipeline(folders):
 
 @setup
 def calibration(folders):
-    """Nothing but the block's own imports; the pilot batch is 8 draws and the search stops after 30 grids."""
+    """Nothing but the block's own imports (the block runs in a temporary folder); the pilot batch is 8 draws and
+    the search stops after 30 grids."""
 
     def check(namespace):
-        assert len(namespace["images"]) == 16 and len(namespace["calibration"].sigmas) == 10
-        assert namespace["calibration"].distance < namespace["calibration"].default_distance
+        calibration = namespace["calibration"]
+        assert len(namespace["images"]) == 16 and len(calibration.sigmas) == 10
+        assert calibration.distance < calibration.default_distance
+        saved = ScoreSDEPipeline.from_pretrained("my-model").scheduler
+        assert saved.config.fitted_sigmas == [calibration.sigmas]
 
     yield Setup({}, rewrites={"num_samples=64,": "num_samples=8, max_grids=30,"}, check=check)
 

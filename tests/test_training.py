@@ -267,6 +267,30 @@ def test_cli_sample_writes_scatter_and_npy(toy_pipeline, tmp_path):
         cli.main(["sample", str(toy_pipeline), "--scheduler", "VPEulerMaruyamaScheduler", "--output", str(png)])
 
 
+def test_cli_sample_calibrate_runs_as_a_command(toy_pipeline, tmp_path):
+    """`scorekit sample --calibrate` as a process: it fits the grid on its pilot draws and samples on that grid,
+    the same samples as the pipeline called on the fitted grid with the CLI's seeds."""
+    from diffusers_scorekit.distributed_sampling import sample_generators
+    from diffusers_scorekit.training.data import seed_of
+
+    npy = tmp_path / "points.npy"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_scorekit.cli", "sample", str(toy_pipeline), "--scheduler",
+         "ProbabilityFlowODEScheduler", "--calibrate", "--num_inference_steps", "4", "--num_samples", "10", "--output", str(npy)],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fitted 4 levels to the model" in result.stdout and "4 model evaluations" in result.stdout
+    pipe = cli.load_pipeline(str(toy_pipeline), "ProbabilityFlowODEScheduler")
+    calibration = pipe.calibrate_sigmas(4, generator=torch.Generator().manual_seed(seed_of(0, cli.PILOT_SEED_STREAM, 0)))
+    assert calibration.distance < calibration.default_distance
+    expected = pipe(10, sigmas=calibration.sigmas, generator=sample_generators(0, range(10)), output_type="np").samples
+    np.testing.assert_allclose(np.load(npy), expected, rtol=0, atol=1e-6)
+    with pytest.raises(SystemExit, match="--calibrate fits the levels of a ProbabilityFlowODEScheduler; this pipeline's "
+                                         "scheduler is VEEulerMaruyamaScheduler: add --scheduler ProbabilityFlowODEScheduler"):
+        cli.main(["sample", str(toy_pipeline), "--scheduler", "VEEulerMaruyamaScheduler", "--calibrate", "--output", str(npy)])
+
+
 def test_cli_likelihood(toy_pipeline, capsys):
     cli.main(["likelihood", str(toy_pipeline), "--num_examples", "10"])
     assert "bits/dim" in capsys.readouterr().out

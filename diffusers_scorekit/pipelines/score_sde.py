@@ -363,14 +363,17 @@ class ScoreSDEPipeline(DiffusionPipeline):
         the grid whose samples land closest to the model's own ``reference_steps``-level solution, on a pilot
         batch of ``num_samples`` draws from ``generator``. Needs a `ProbabilityFlowODEScheduler`. Pass the result's
         ``sigmas`` to ``__call__``. ``search``: ``max_grids``, ``initial_step``, ``min_step`` of
-        ``calibrate_sigmas``. Unconditional: the model is called without class labels."""
+        ``calibrate_sigmas``. The grid is fitted to the unconditional model: a class-conditional one is called with
+        its null label."""
         check_batch_size(num_samples)
         self.check_conventions()
         device, dtype = self._execution_device, self.unet.dtype
         noise = randn_tensor((num_samples, *self.sample_shape), generator=generator, device=device, dtype=dtype)
+        is_conditional = self.unet.config.get("num_class_embeds") is not None
+        null_labels = torch.full((num_samples,), self.null_class_label, device=device) if is_conditional else None
 
         def model(x, t):
-            return self._model_output(x, t, None, 1.0, None, 1.0)
+            return self._model_output(x, t, null_labels, 1.0, None, 1.0)
 
         return calibrate_sigmas(self.scheduler, model, noise, num_inference_steps, reference_steps, **search)
 

@@ -3,6 +3,7 @@
 import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 from diffusers.configuration_utils import register_to_config
 
 from .linear_combination import LinearCombination
@@ -50,6 +51,10 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         edm_rho (`float`, defaults to 7.0): ``rho`` of the `"edm"` spacing.
         denoise_final (`bool`, defaults to `True`): end with the Euler step to ``sigma = 0`` (Tweedie's
             denoising) from the last level.
+        fitted_sigmas (`list` of `list` of `float`, *optional*): grids fitted to a model (``calibrate_sigmas``),
+            each a decreasing list of ``sigma / a``, at most one per length; ``set_timesteps(n)`` runs the one with
+            ``n`` levels, when there is one, instead of ``time_spacing``'s. Add one with
+            ``register_fitted_sigmas``; it is saved with the config, so it travels with the pipeline.
     """
 
     @register_to_config
@@ -72,11 +77,35 @@ class ProbabilityFlowODEScheduler(ScoreSchedulerMixin):
         time_spacing: str = "log_snr",
         edm_rho: float = 7.0,
         denoise_final: bool = True,
+        fitted_sigmas: Optional[Sequence[Sequence[float]]] = None,
     ):
         if solver not in SOLVERS:
             _fail("solver", solver, f"choose one of {SOLVERS}")
         self.order = 2 if solver == "heun" else 1
         self._setup()
+        if fitted_sigmas is not None:
+            if not isinstance(fitted_sigmas, (list, tuple)):
+                raise TypeError(f"fitted_sigmas={fitted_sigmas!r} is invalid: it must be a list of grids (lists of numbers).")
+            lengths = [len(grid) if isinstance(grid, (list, tuple)) else None for grid in fitted_sigmas]
+            if len(set(lengths)) < len(lengths):
+                _fail("fitted_sigmas", fitted_sigmas, "it may hold at most one grid per number of levels")
+            for grid in fitted_sigmas:
+                self._custom_times("fitted_sigmas", grid, as_sigmas=True)
+
+    def register_fitted_sigmas(self, sigmas: Sequence[float]) -> None:
+        """Keep ``sigmas`` (a grid from ``calibrate_sigmas``) in the config: ``set_timesteps(len(sigmas))`` runs it
+        from now on, here and wherever the config is saved to (``save_pretrained``, ``push_to_hub``). It replaces
+        a kept grid of the same length."""
+        sigmas = [float(value) for value in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+        self._custom_times("sigmas", sigmas, as_sigmas=True)
+        kept = [list(grid) for grid in self.config.fitted_sigmas or () if len(grid) != len(sigmas)]
+        self.register_to_config(fitted_sigmas=sorted([*kept, sigmas], key=len))
+
+    def _level_times(self, num_levels: int) -> np.ndarray:
+        for grid in self.config.fitted_sigmas or ():
+            if len(grid) == num_levels:
+                return self._custom_times("fitted_sigmas", grid, as_sigmas=True).numpy()
+        return super()._level_times(num_levels)
 
     def _make_stages(self, num_levels: int) -> List[Stage]:
         stages = []

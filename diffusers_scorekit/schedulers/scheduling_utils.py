@@ -534,7 +534,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
             self._check_num_levels("num_inference_steps", num_inference_steps)
             times = as_time(self._level_times(int(num_inference_steps)))
         else:
-            times = self._custom_times(given[0], timesteps if timesteps is not None else sigmas)
+            times = self._custom_times(given[0], timesteps if timesteps is not None else sigmas, sigmas is not None)
         num_levels = len(times)
         a, sigma = self.sde.marginal(times)
         timestep_values = timestep_from_t(
@@ -575,8 +575,9 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                 f"({self.order} per level here)",
             )
 
-    def _custom_times(self, field: str, values) -> torch.Tensor:
-        """The times of a custom grid given as ``timesteps`` (model convention) or ``sigmas`` (``sigma / a``)."""
+    def _custom_times(self, field: str, values, as_sigmas: bool) -> torch.Tensor:
+        """The times of a custom grid given as ``sigma / a`` (``as_sigmas``) or as timesteps (model convention);
+        ``field`` names it in errors."""
         if isinstance(values, (torch.Tensor, np.ndarray)):
             values = values.tolist()
         if not (isinstance(values, (list, tuple)) and all(_is_real(v) for v in values)):
@@ -586,7 +587,7 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
         if not np.all(np.isfinite(values)) or np.any(np.diff(values) >= 0):
             _fail(field, values.tolist(), "it must be finite and strictly decreasing")
         config = self.config
-        if field == "sigmas":
+        if as_sigmas:
             low, high = (self.sde.marginal(t) for t in (0.0, 1.0))
             low, high = float(low[1] / low[0]), float(high[1] / high[0])
             convert = lambda v: self.sde.t_from_log_snr(-np.log(v))  # noqa: E731
@@ -597,9 +598,9 @@ class ScoreSchedulerMixin(SchedulerMixin, ConfigMixin):
                                                 config.num_train_timesteps)
         tolerance = 1e-6 * max(abs(low), abs(high))
         in_range = values[0] <= high + tolerance and values[-1] >= low - tolerance
-        if not in_range or (field == "sigmas" and values[-1] <= 0):
+        if not in_range or (as_sigmas and values[-1] <= 0):
             _fail(field, values.tolist(), f"its values must lie in [{low:.6g}, {high:.6g}] (t from 0 to 1)"
-                  + (" and be positive: the final step to sigma = 0 is denoise_final's" if field == "sigmas" else ""))
+                  + (" and be positive: the final step to sigma = 0 is denoise_final's" if as_sigmas else ""))
         times = convert(values).clamp(0.0, 1.0)
         if self.sde.sigma(times[-1:]).item() <= 0:
             _fail(field, values.tolist(), "its last level has sigma = 0, where the score is undefined")
