@@ -14,13 +14,12 @@ Two parts, each in one run with its peers:
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+from common import write_results
 from bench_oracle_samplers import (
     LOW_NFE_PEERS,
     LOW_NFE_TARGETS,
@@ -40,6 +39,7 @@ from bench_real_data import (
 )
 from diffusers_scorekit import ProbabilityFlowODEScheduler, ScoreSDEPipeline, calibrate_sigmas
 from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
+from diffusers_scorekit.schedulers.scheduling_utils import run_plain_loop
 
 REAL_NFE_TARGETS = (5, 10, 20)
 ORACLE_PILOT_DRAWS = 500
@@ -51,11 +51,8 @@ PILOT_SEED = 1
 
 def loop(scheduler, model, noise, **grid):
     scheduler.set_timesteps(**grid)
-    x = noise * scheduler.init_noise_sigma
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
+        return run_plain_loop(scheduler, model, noise * scheduler.init_noise_sigma)
 
 
 def oracle_part(targets):
@@ -187,10 +184,7 @@ def main(argv=None):
         results["real"] = real_part(args.model_dir, REAL_NFE_TARGETS, args.num_samples, args.reference_steps)
         print(f"\n## {args.model_dir}: distance to the {args.reference_steps}-level ODE solution\n\n"
               f"{real_table(results['real'], REAL_NFE_TARGETS)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
     return results
 
 

@@ -11,12 +11,9 @@ noise floor is the same metrics on independent true sample sets of the same size
 """
 
 import argparse
-import inspect
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -39,6 +36,8 @@ from diffusers_scorekit import (
     VEEulerMaruyamaScheduler,
     VPEulerMaruyamaScheduler,
 )
+from common import write_results
+from diffusers_scorekit.demo import sample as plain_loop  # the plain diffusers loop, seeded, any scheduler
 from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
 
 NFE_TARGETS = (10, 20, 50, 100, 200, 1000)
@@ -51,16 +50,6 @@ METRICS = ("tv", "variance_error", "mean_error", "sliced_w1")
 # the DDPM linear schedule (1e-4 .. 0.02, 1000 steps, epsilon) that the diffusers family and our "ddpm" rows share;
 # without "_use_default_values", which would make from_config give each class its own defaults (Heun's differ)
 DDPM_CONFIG = {k: v for k, v in DDPMScheduler().config.items() if k != "_use_default_values"}
-
-
-def plain_loop(scheduler, model, shape, num_inference_steps, generator):
-    """The plain diffusers loop (Heun's ``step`` takes no generator)."""
-    scheduler.set_timesteps(num_inference_steps)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
-    return x
 
 
 def score_sde_ve_loop(scheduler, model, shape, num_inference_steps, generator):
@@ -348,10 +337,7 @@ def main():
             print(f"\n{metric}:\n\n{pivot_table(result['runs'], metric, targets, samplers)}")
         print(f"\nwall time (s):\n\n{pivot_table(result['runs'], 'wall_time_s', targets, samplers)}")
     print(f"\n## Summary\n\n{summary(results, targets)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"nfe_targets": list(targets), "results": results}, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, {"nfe_targets": list(targets), "results": results})
 
 
 if __name__ == "__main__":

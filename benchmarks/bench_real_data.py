@@ -48,7 +48,7 @@ from PIL import Image
 from torch import nn
 
 from bench_oracle_samplers import Sampler, best, format_value, pivot_table, plain_loop, steps_for_nfe
-from common import run_header
+from common import run_header, write_results
 from diffusers_scorekit import (
     PredictorCorrectorScheduler,
     ProbabilityFlowODEScheduler,
@@ -423,10 +423,7 @@ def main(argv=None) -> dict:
         "floors": floors,
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args.out, results)
     return results
 
 

@@ -1,10 +1,12 @@
 """What several benchmarks share: the reference UNet layout, device timing, and the JSON header."""
 
 import datetime
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import diffusers
 import torch
@@ -13,6 +15,14 @@ import torch
 # network issue #6 times: training.build_unet2d(32, channels, block_out_channels=...) builds it (its 32-px preset
 # has that model's block types); "small" and "tiny" are the same shape of network for a CPU and a smoke run
 UNET_CHANNELS = {"ddpm_cifar10": (128, 256, 256, 256), "small": (32, 64, 64, 64), "tiny": (16, 32, 32, 32)}
+
+
+def write_results(path, results: dict) -> None:
+    """``results`` as JSON at ``path`` (its folder made if needed), and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {path}")
 
 
 def levels_for_nfe(scheduler, nfe: int) -> int:

@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
+from common import write_results
 from bench_oracle_samplers import DDPM_CONFIG, LOW_NFE_TARGETS, NUM_DIRECTIONS, Sampler, format_value, run, scorekit_on_ddpm
 from diffusers_scorekit import ProbabilityFlowODEScheduler, ScoreSDEPipeline
 from diffusers_scorekit.mixture import GaussianMixture, exact_score_model
+from diffusers_scorekit.schedulers.scheduling_utils import run_plain_loop
 
 REFERENCE_LEVELS = 400
 KNOTS = (-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
@@ -81,9 +83,7 @@ def run_grid(scheduler, model, x):
     """The plain diffusers loop from ``x`` over the scheduler's current grid (``set_begin_index(0)`` restarts it,
     so one ``set_timesteps`` serves many runs)."""
     scheduler.set_begin_index(0)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x).prev_sample
-    return x
+    return run_plain_loop(scheduler, model, x)
 
 
 def sample(scheduler, mixture, noise):
@@ -210,15 +210,12 @@ def main():
               "| spacing | NFE 5 | NFE 10 | NFE 20 |\n|---|---:|---:|---:|")
         for name, row in real_rms.items():
             print(f"| {name} | " + " | ".join(f"{row[nfe]:.4f}" for nfe in REAL_NFE) + " |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_results(args.out, {
         "knots": list(KNOTS), "log_density": log_density.tolist(), "nfe_targets": list(LOW_NFE_TARGETS),
         "image_scale_mixtures": not args.no_image_scale, "real_network_rms": real_rms,
         "held_out_error_uniform": uniform_errors.tolist(), "held_out_error_tuned": tuned_errors.tolist(),
         "evaluations": len(evaluations), "benchmark": benchmark,
-    }, indent=1))
-    print(f"\nwrote {out}")
+    })
 
 
 def custom_grid_loop(scheduler, model, shape, sigmas, generator):

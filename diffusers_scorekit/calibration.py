@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .schedulers.scheduling_probability_flow_ode import ProbabilityFlowODEScheduler
+from .schedulers.scheduling_utils import run_plain_loop
 
 
 @dataclass
@@ -36,10 +37,7 @@ class StepCalibration:
 
 def _solve(scheduler, model, noise, **grid) -> torch.Tensor:
     scheduler.set_timesteps(**grid)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x).prev_sample
-    return x
+    return run_plain_loop(scheduler, model, noise * scheduler.init_noise_sigma)
 
 
 def _mean_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ from .schedulers import (
     VEEulerMaruyamaScheduler,
     VPEulerMaruyamaScheduler,
 )
+from .schedulers.scheduling_utils import run_plain_loop
 
 DEMO_SCHEDULERS = {
     "annealed Langevin": (AnnealedLangevinScheduler(sigma_max=10.0, num_annealed_steps=20), 25),
@@ -31,12 +32,10 @@ DEMO_SCHEDULERS = {
 
 
 def sample(scheduler, model, shape, num_inference_steps, generator):
-    """The plain diffusers loop, on the CPU."""
+    """The plain diffusers loop on ``num_inference_steps`` levels, its initial noise and every noise a ``step``
+    draws from ``generator`` (a CPU generator)."""
     scheduler.set_timesteps(num_inference_steps)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
-    return x
+    return run_plain_loop(scheduler, model, torch.randn(shape, generator=generator) * scheduler.init_noise_sigma, generator)
 
 
 def scatter_panel(points, title, size=320, extent=1.6):

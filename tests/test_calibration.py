@@ -15,6 +15,7 @@ from diffusers_scorekit import (
     calibrate_sigmas,
 )
 from diffusers_scorekit.calibration import _log_snr_levels, _mean_distance
+from diffusers_scorekit.schedulers.scheduling_utils import run_plain_loop
 from oracle import GaussianMixture, exact_score_model
 
 DDPM_CONFIG = {k: v for k, v in DDPMScheduler().config.items() if k != "_use_default_values"}
@@ -26,10 +27,7 @@ def ddpm_ode():
 
 def solve(scheduler, model, noise, **grid):
     scheduler.set_timesteps(**grid)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x).prev_sample
-    return x
+    return run_plain_loop(scheduler, model, noise * scheduler.init_noise_sigma)
 
 
 def test_log_snr_levels_by_hand():
@@ -58,6 +56,8 @@ ORACLE_CASES = {
     ("64d", 10): (4000, 0.0028111675, 0.0134106515, 563, 0.0298743055, 0.0003984),
     ("64d", 8): (4000, 0.0046552428, 0.0212411073, 598, 0.0254532398, 0.0020496),
 }
+# the targets above, against the exact mixture's own within-mode variance
+ISSUE_TARGETS = {("ring", 10): 0.2387 / 3, ("64d", 10): 0.0466 / 3, ("64d", 8): 0.0043}
 
 
 @pytest.mark.parametrize("name, nfe", sorted(ORACLE_CASES), ids=lambda case: str(case))
@@ -83,6 +83,7 @@ def test_calibrated_grid_on_the_exact_mixture(name, nfe):
     noise = torch.randn((num_samples, mixture.dim), generator=torch.Generator().manual_seed(0))
     report = mixture.report(solve(scheduler, model, noise, sigmas=sigmas))
     assert report["variance_error"] == pytest.approx(variance_error, abs=1e-6)
+    assert report["variance_error"] <= ISSUE_TARGETS[name, nfe] and not report["nonfinite"]
 
 
 @pytest.mark.parametrize("make_scheduler", [ddpm_ode, lambda: ProbabilityFlowODEScheduler(

@@ -391,6 +391,16 @@ def _diffusers_init_keys(family: str) -> set:
     return keys
 
 
+def run_plain_loop(scheduler, model: Callable, sample: torch.Tensor, generator=None) -> torch.Tensor:
+    """The plain diffusers loop over ``scheduler``'s current grid, from ``sample`` (already scaled by
+    ``init_noise_sigma``); ``model(x, t)`` returns the model output. Any diffusers scheduler runs in it:
+    ``generator`` goes to ``step`` where ``step`` takes one (Heun's and UniPC's do not)."""
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        sample = scheduler.step(model(scheduler.scale_model_input(sample, t), t), t, sample, **step_kwargs).prev_sample
+    return sample
+
+
 def level_times(sde: SDE, num_levels: int, t_start: float, t_end: float, spacing: str, rho: float) -> np.ndarray:
     """``num_levels`` times from ``t_start`` down to ``t_end`` (float64).
 
