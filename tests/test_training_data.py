@@ -238,3 +238,21 @@ def test_two_processes_sample_the_same_images_as_one(tmp_path, capsys):
     written = sorted((tmp_path / "images").iterdir())
     assert [p.name for p in written] == [f"{i:06d}.png" for i in range(7)]
     assert np.array_equal(np.asarray(Image.open(written[5]))[..., None], two[5])
+
+
+def test_two_processes_fit_the_same_grid_and_sample_what_one_process_does(tmp_path):
+    """``scorekit sample --calibrate`` under ``accelerate launch`` with 2 CPU processes: each fits the levels on the
+    same pilot draws, so the images are bit for bit one process's, and the fit is reported once."""
+    pipeline = tiny_pipeline(tmp_path / "pipe")
+    sample = ["-m", "diffusers_scorekit.cli", "sample", str(pipeline), "--scheduler", "ProbabilityFlowODEScheduler",
+              "--calibrate", "--num_images", "5", "--batch_size", "2", "--num_inference_steps", "3"]
+    single = run([sys.executable, *sample, "--output", str(tmp_path / "one.npz")], tmp_path)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    double = run([*launch, *sample, "--output", str(tmp_path / "two.npz")], tmp_path, ACCELERATE_USE_CPU="1")
+    assert single.returncode == 0 and double.returncode == 0, (single.stderr + double.stderr)[-3000:]
+    assert "2 process(es)" in double.stdout and double.stdout.count("fitted 3 levels to the model") == 1
+    fit_line = next(line for line in single.stdout.splitlines() if line.startswith("fitted"))
+    assert fit_line in double.stdout.splitlines()  # the same distances and number of grids
+    one, two = np.load(tmp_path / "one.npz")["images"], np.load(tmp_path / "two.npz")["images"]
+    assert one.shape == (5, 8, 8, 1) and np.array_equal(one, two)
